@@ -144,3 +144,24 @@ func DecodeJSON(w http.ResponseWriter, r *http.Request, maxBytes int64, v any) b
 	}
 	return true
 }
+
+// StripVersion makes every route answer with and without the seed's "/v1.0"
+// prefix: "/v1.0/login" is served as "/login" (seed nginx rewrite, §5.1).
+func StripVersion(next http.Handler) http.Handler {
+	const prefix = "/v1.0"
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		p := r.URL.Path
+		if p == prefix || (len(p) > len(prefix) && p[:len(prefix)+1] == prefix+"/") {
+			r2 := r.Clone(r.Context())
+			r2.URL.Path = p[len(prefix):]
+			if r2.URL.Path == "" {
+				r2.URL.Path = "/"
+			}
+			r2.URL.RawPath = ""
+			r2.RequestURI = r2.URL.RequestURI()
+			next.ServeHTTP(w, r2)
+			return
+		}
+		next.ServeHTTP(w, r)
+	})
+}
