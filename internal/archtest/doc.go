@@ -1,0 +1,3 @@
+// Package archtest holds tests of the repository's structure: which package
+// may import which.
+package archtest
