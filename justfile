@@ -24,10 +24,10 @@ bench:
 
 # Fuzz every decoder for a while
 fuzz TIME="30s":
-    go test -run '^$' -fuzz FuzzDecodeJSON -fuzztime {{TIME}} ./schema/
-    go test -run '^$' -fuzz FuzzUnmarshalProto -fuzztime {{TIME}} ./schema/
-    go test -run '^$' -fuzz FuzzRenderJSON -fuzztime {{TIME}} ./schema/
-    go test -run '^$' -fuzz FuzzToken -fuzztime {{TIME}} ./schema/
+    go test -run '^$' -fuzz FuzzDecodeJSON -fuzztime {{TIME}} -fuzzminimizetime=1x ./schema/
+    go test -run '^$' -fuzz FuzzUnmarshalProto -fuzztime {{TIME}} -fuzzminimizetime=1x ./schema/
+    go test -run '^$' -fuzz FuzzRenderJSON -fuzztime {{TIME}} -fuzzminimizetime=1x ./schema/
+    go test -run '^$' -fuzz FuzzToken -fuzztime {{TIME}} -fuzzminimizetime=1x ./schema/
 
 # Build the binary
 build:

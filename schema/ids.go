@@ -103,6 +103,9 @@ func Token[T ~string](id T) string {
 
 // ParseToken reverses Token.
 func ParseToken(tok string) (string, error) {
+	if strings.ContainsAny(tok, "+@") {
+		return "", ErrInvalidID // Token never leaves these raw: one id, one token
+	}
 	if !strings.Contains(tok, "=") {
 		if !validToken(tok) {
 			return "", ErrInvalidID
