@@ -1,0 +1,60 @@
+// Package gateway is the WebSocket and HTTP edge for messaging. It owns the
+// client connections: authentication of the upgrade, frame parsing, per
+// connection rate and size limits, publishing accepted messages to the bus,
+// SERVER_ACKs, error notices, and writing delivered messages to sockets.
+// It owns no stream, bucket or consumer.
+//
+// # Routes (Gateway.Routes; the root router adds api.StripVersion for /v1.0)
+//
+//	GET  /wss, /wss/   WebSocket; query format=binary|text, ack=true|false
+//	POST /messages     REST send (user + accesskey headers or cookies)
+//	GET  /alive        "OK"; GET /healthz; GET /readyz
+//	GET  /, /*         the static web client (Config.Static)
+//
+// # Subjects
+//
+// Publishes (never consumes):
+//   - schema.ChatIn(user) (msg.in.<user>, stream CHAT_IN, owned by router):
+//     every accepted non-ephemeral client message, protobuf, with headers
+//     Nats-Msg-Id "<token(user)>:<message id>" (JetStream de-duplication: a
+//     resend of the same id is stored once) and Vartalap-Device.
+//   - schema.Live(user) (msg.live.<user>, core NATS): ephemeral messages,
+//     never stored.
+//
+// Delivery to sockets goes through the Deliverer (the delivery service): each
+// socket opens one Session and is its Sink.
+//
+// # Guarantees
+//
+//   - The sender of every accepted message is the authenticated user; the
+//     head.from / protobuf source a client sends is overwritten (the seed let
+//     JSON clients spoof it).
+//   - SERVER_ACK (when the socket asked with ack=true, or REST ack=true/1) is
+//     sent only after the JetStream PubAck: the message is stored. A duplicate
+//     PubAck (resend) is acknowledged too.
+//   - No frame is dropped silently (the seed logged and dropped): a frame that
+//     does not decode or validate, is too large, exceeds the rate limit or is
+//     not stored gets an error notice (schema.ErrorNotice, rendered in the
+//     socket's format) naming the message id when it is known, and the socket
+//     stays open. Only a frame over the hard cap (max(4×MaxFrameBytes, 1 MiB))
+//     closes the socket (1009).
+//   - CLIENT_ACKs go to the delivery session (WebSocket) or Deliverer.AckByID
+//     (REST; the seed lost REST acks). They are never published and not rate
+//     limited.
+//   - Any number of sockets per user and device pair is accepted here; the
+//     delivery service decides which session wins (the seed kept one socket
+//     per user and orphaned the others).
+//
+// # Concurrency
+//
+// Each socket has exactly two goroutines: the HTTP handler goroutine runs the
+// read loop (decode, validate, publish, one frame at a time, so messages of a
+// connection are published in order) and one write loop that it starts and
+// joins. The outbound queue is bounded (OutboundQueue frames): Sink.Deliver
+// never blocks and returns false when the queue is full (a slow consumer; the
+// delivery service then closes the socket, and the inbox still holds the
+// messages). Frames produced by the read loop (pong, acks, error notices)
+// wait for room instead, which stops reading from a client that does not
+// read. Server pings every PingInterval; a socket silent for 2.5×PingInterval
+// is dropped. Shutdown closes every socket with 1001 and waits for the loops.
+package gateway

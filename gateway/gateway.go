@@ -1,0 +1,376 @@
+package gateway
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"math"
+	"net/http"
+	"path"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/go-chi/chi/v5"
+	"github.com/gorilla/websocket"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/vartalap/vartalap/internal/api"
+	"github.com/vartalap/vartalap/schema"
+)
+
+// Sink is one connection as the delivery service sees it.
+type Sink interface {
+	// Deliver renders m for the connection's format and enqueues it without
+	// blocking. It returns false when the outbound queue is full (a slow
+	// consumer) or the connection is gone.
+	Deliver(m *schema.Message) bool
+	// Close closes the socket with this WebSocket close code and reason. It
+	// never blocks and is idempotent: only the first call counts.
+	Close(code int, reason string)
+}
+
+// Session is the delivery session of one connection.
+type Session interface {
+	// Ack reports CLIENT_ACKs (message ids) received on the connection.
+	Ack(ids ...string)
+	// Close ends the session; called once when the connection ends.
+	Close()
+}
+
+// Deliverer opens delivery sessions and records acks sent without a socket.
+type Deliverer interface {
+	Open(ctx context.Context, user schema.UserID, device schema.DeviceID, sink Sink) (Session, error)
+	AckByID(ctx context.Context, user schema.UserID, device schema.DeviceID, ids []string) error
+}
+
+// Config configures a Gateway.
+type Config struct {
+	// JS publishes accepted messages to CHAT_IN. Required.
+	JS jetstream.JetStream
+	// NC publishes ephemeral messages (core NATS). Default: JS.Conn().
+	NC *nats.Conn
+	// Logger receives connection and error logs. Default: discard.
+	Logger *slog.Logger
+	// Auth checks `user` + `accesskey`. Required.
+	Auth api.Authenticator
+	// Delivery opens a delivery session per socket and takes REST acks. Required.
+	Delivery Deliverer
+	// Ready reports readiness for GET /readyz. Default: always ready.
+	Ready func(ctx context.Context) error
+	// Static is the web client served for GET "/" and unknown GET paths
+	// that exist in it. Default: none.
+	Static fs.FS
+
+	// MaxFrameBytes is the largest accepted message frame (and REST entry).
+	// Default 64 KiB. Larger frames up to max(4×MaxFrameBytes, 1 MiB) get a
+	// too_large error frame; beyond that the socket is closed with 1009.
+	MaxFrameBytes int
+	// OutboundQueue is the number of frames buffered per socket before it
+	// counts as a slow consumer. Default 256.
+	OutboundQueue int
+	// PingInterval is how often the server pings each socket. The read
+	// deadline is 2.5×PingInterval after the last frame or pong. Default 30s.
+	PingInterval time.Duration
+	// WriteTimeout bounds the write of one frame. Default 10s.
+	WriteTimeout time.Duration
+	// PublishTimeout bounds the wait for a JetStream PubAck. Default 5s.
+	PublishTimeout time.Duration
+	// RatePerSecond is the sustained messages per second per connection,
+	// with a burst of twice that (at least 1). CLIENT_ACKs and pings are not
+	// counted. Default 50 (burst 100).
+	RatePerSecond float64
+	// AllowedOrigins are extra Origin header values (exact, case-insensitive,
+	// e.g. "https://app.example.com") allowed for browser upgrades. A request
+	// without Origin (native clients) or from the same host is always allowed.
+	AllowedOrigins []string
+	// MaxRESTMessages is the largest number of entries in one POST /messages.
+	// Default 100.
+	MaxRESTMessages int
+}
+
+// Defaults.
+const (
+	DefaultMaxFrameBytes   = 64 << 10
+	DefaultOutboundQueue   = 256
+	DefaultPingInterval    = 30 * time.Second
+	DefaultWriteTimeout    = 10 * time.Second
+	DefaultPublishTimeout  = 5 * time.Second
+	DefaultRatePerSecond   = 50
+	DefaultMaxRESTMessages = 100
+)
+
+// errShuttingDown refuses new sockets once Shutdown started (the client
+// gets 503).
+var errShuttingDown = errors.New("gateway shutting down")
+
+// Gateway is the WebSocket and HTTP edge for messaging.
+type Gateway struct {
+	cfg       Config
+	log       *slog.Logger
+	nc        *nats.Conn
+	upgrader  websocket.Upgrader
+	hardLimit int64
+	burst     int
+	origins   []string
+
+	connSeq atomic.Uint64
+
+	mu       sync.Mutex
+	conns    map[*conn]struct{}
+	shutdown bool
+	wg       sync.WaitGroup
+}
+
+// New validates cfg, fills defaults and returns a Gateway.
+func New(cfg Config) (*Gateway, error) {
+	if cfg.JS == nil {
+		return nil, errors.New("gateway: config: JS is required")
+	}
+	if cfg.Auth == nil {
+		return nil, errors.New("gateway: config: Auth is required")
+	}
+	if cfg.Delivery == nil {
+		return nil, errors.New("gateway: config: Delivery is required")
+	}
+	if cfg.NC == nil {
+		cfg.NC = cfg.JS.Conn()
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.MaxFrameBytes < 0 || cfg.OutboundQueue < 0 || cfg.PingInterval < 0 || cfg.WriteTimeout < 0 ||
+		cfg.PublishTimeout < 0 || cfg.RatePerSecond < 0 || cfg.MaxRESTMessages < 0 {
+		return nil, errors.New("gateway: config: negative limit")
+	}
+	if cfg.MaxFrameBytes == 0 {
+		cfg.MaxFrameBytes = DefaultMaxFrameBytes
+	}
+	if cfg.OutboundQueue == 0 {
+		cfg.OutboundQueue = DefaultOutboundQueue
+	}
+	if cfg.PingInterval == 0 {
+		cfg.PingInterval = DefaultPingInterval
+	}
+	if cfg.WriteTimeout == 0 {
+		cfg.WriteTimeout = DefaultWriteTimeout
+	}
+	if cfg.PublishTimeout == 0 {
+		cfg.PublishTimeout = DefaultPublishTimeout
+	}
+	if cfg.RatePerSecond == 0 {
+		cfg.RatePerSecond = DefaultRatePerSecond
+	}
+	if cfg.MaxRESTMessages == 0 {
+		cfg.MaxRESTMessages = DefaultMaxRESTMessages
+	}
+	g := &Gateway{
+		cfg:       cfg,
+		log:       cfg.Logger,
+		nc:        cfg.NC,
+		hardLimit: max(4*int64(cfg.MaxFrameBytes), 1<<20),
+		burst:     max(1, int(math.Ceil(2*cfg.RatePerSecond))),
+		conns:     make(map[*conn]struct{}),
+	}
+	for _, o := range cfg.AllowedOrigins {
+		g.origins = append(g.origins, strings.ToLower(strings.TrimRight(o, "/")))
+	}
+	g.upgrader = websocket.Upgrader{
+		HandshakeTimeout:  cfg.WriteTimeout,
+		ReadBufferSize:    4096,
+		WriteBufferSize:   4096,
+		WriteBufferPool:   &sync.Pool{},
+		CheckOrigin:       g.checkOrigin,
+		EnableCompression: false,
+		Error: func(w http.ResponseWriter, _ *http.Request, status int, reason error) {
+			api.WriteError(w, status, api.CodeBadRequest, "websocket upgrade required")
+		},
+	}
+	return g, nil
+}
+
+// Routes registers the gateway's routes on r (paths without "/v1.0"; the
+// root router adds api.StripVersion):
+//
+//	GET  /wss, /wss/   WebSocket
+//	POST /messages     REST send (authenticated)
+//	GET  /alive        200 "OK" (seed liveness)
+//	GET  /healthz      200 {"status":"ok"}
+//	GET  /readyz       200 {"status":"ready"} or 503
+//	GET  /, /*         the static web client, when Config.Static is set
+func (g *Gateway) Routes(r chi.Router) {
+	r.Get("/wss", g.serveWS)
+	r.Get("/wss/", g.serveWS)
+	r.With(api.RequireAuth(g.cfg.Auth, g.log)).Post("/messages", g.serveMessages)
+	r.Get("/alive", func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		_, _ = w.Write([]byte("OK"))
+	})
+	r.Get("/healthz", func(w http.ResponseWriter, _ *http.Request) {
+		api.WriteJSON(w, http.StatusOK, map[string]string{"status": "ok"})
+	})
+	r.Get("/readyz", g.serveReady)
+	if g.cfg.Static != nil {
+		files := http.FileServerFS(g.cfg.Static)
+		r.Get("/", files.ServeHTTP)
+		r.Get("/*", func(w http.ResponseWriter, r *http.Request) {
+			name := strings.TrimPrefix(path.Clean(r.URL.Path), "/")
+			if name == "" {
+				name = "."
+			}
+			if _, err := fs.Stat(g.cfg.Static, name); err != nil {
+				api.WriteError(w, http.StatusNotFound, api.CodeNotFound, "not found")
+				return
+			}
+			files.ServeHTTP(w, r)
+		})
+	}
+}
+
+func (g *Gateway) serveReady(w http.ResponseWriter, r *http.Request) {
+	if g.cfg.Ready != nil {
+		if err := g.cfg.Ready(r.Context()); err != nil {
+			g.log.Warn("not ready", "err", err)
+			api.WriteError(w, http.StatusServiceUnavailable, api.CodeUnavailable, "not ready")
+			return
+		}
+	}
+	g.mu.Lock()
+	down := g.shutdown
+	g.mu.Unlock()
+	if down {
+		api.WriteError(w, http.StatusServiceUnavailable, api.CodeUnavailable, "shutting down")
+		return
+	}
+	api.WriteJSON(w, http.StatusOK, map[string]string{"status": "ready"})
+}
+
+// Conns returns the number of open WebSocket connections.
+func (g *Gateway) Conns() int {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return len(g.conns)
+}
+
+// Shutdown refuses new sockets, closes every open socket with 1001 "going
+// away" and waits until their loops have ended (and their delivery sessions
+// are closed), or until ctx ends.
+func (g *Gateway) Shutdown(ctx context.Context) error {
+	g.mu.Lock()
+	g.shutdown = true
+	conns := make([]*conn, 0, len(g.conns))
+	for c := range g.conns {
+		conns = append(conns, c)
+	}
+	g.mu.Unlock()
+	for _, c := range conns {
+		c.Close(websocket.CloseGoingAway, "going away")
+	}
+	done := make(chan struct{})
+	go func() {
+		g.wg.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		// The waiter goroutine ends once the remaining loops end; their
+		// read deadlines bound that.
+		return fmt.Errorf("gateway shutdown: %w", ctx.Err())
+	}
+}
+
+// register adds c to the open connections; it fails once Shutdown started.
+func (g *Gateway) register(c *conn) error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.shutdown {
+		return errShuttingDown
+	}
+	g.conns[c] = struct{}{}
+	g.wg.Add(1)
+	return nil
+}
+
+func (g *Gateway) unregister(c *conn) {
+	g.mu.Lock()
+	delete(g.conns, c)
+	g.mu.Unlock()
+	g.wg.Done()
+}
+
+// checkOrigin allows requests without Origin (native clients), from the
+// request's own host, or from an allowed origin. Never a wildcard.
+func (g *Gateway) checkOrigin(r *http.Request) bool {
+	origin := r.Header.Get("Origin")
+	if origin == "" {
+		return true
+	}
+	o := strings.ToLower(strings.TrimRight(origin, "/"))
+	if host, ok := strings.CutPrefix(o, "http://"); ok && host == strings.ToLower(r.Host) {
+		return true
+	}
+	if host, ok := strings.CutPrefix(o, "https://"); ok && host == strings.ToLower(r.Host) {
+		return true
+	}
+	for _, a := range g.origins {
+		if o == a {
+			return true
+		}
+	}
+	return false
+}
+
+// authenticate resolves the request's credentials. On failure it has
+// written the error response and returns false.
+func (g *Gateway) authenticate(w http.ResponseWriter, r *http.Request) (api.Identity, bool) {
+	user, key := api.Credentials(r)
+	if user == "" || key == "" {
+		g.log.Info("auth failed", "reason", "missing credentials", "path", r.URL.Path, "remote", r.RemoteAddr)
+		api.WriteError(w, http.StatusUnauthorized, api.CodeUnauthenticated, "missing user or accesskey")
+		return api.Identity{}, false
+	}
+	id, err := g.cfg.Auth.Authenticate(r.Context(), user, key)
+	if errors.Is(err, api.ErrUnauthenticated) {
+		g.log.Info("auth failed", "reason", "bad credentials", "user", user, "path", r.URL.Path, "remote", r.RemoteAddr)
+		api.WriteError(w, http.StatusUnauthorized, api.CodeUnauthenticated, "invalid user or accesskey")
+		return api.Identity{}, false
+	}
+	if err != nil {
+		g.log.Error("auth error", "user", user, "err", err)
+		api.WriteError(w, http.StatusServiceUnavailable, api.CodeUnavailable, "authentication unavailable")
+		return api.Identity{}, false
+	}
+	return g.checkIdentity(w, id)
+}
+
+// checkIdentity makes sure an authenticated identity can be used in
+// subjects and headers; an empty device becomes schema.DefaultDevice.
+func (g *Gateway) checkIdentity(w http.ResponseWriter, id api.Identity) (api.Identity, bool) {
+	if id.Device == "" {
+		id.Device = schema.DefaultDevice
+	}
+	if !id.User.Valid() || !id.Device.Valid() {
+		g.log.Error("authenticator returned an unusable identity", "user_valid", id.User.Valid(), "device_valid", id.Device.Valid())
+		api.WriteError(w, http.StatusUnauthorized, api.CodeUnauthenticated, "identity not usable")
+		return api.Identity{}, false
+	}
+	return id, true
+}
+
+// newServerID returns a new unique server message id: 16 random bytes,
+// base64url without padding (22 characters, like the seed's short UUIDs).
+func newServerID() string {
+	var b [16]byte
+	_, _ = rand.Read(b[:]) // crypto/rand.Read never fails (Go 1.24+)
+	return base64.RawURLEncoding.EncodeToString(b[:])
+}
+
+func nowMs() uint64 { return uint64(time.Now().UnixMilli()) }
