@@ -1,0 +1,71 @@
+package delivery
+
+import (
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/vartalap/vartalap/internal/natstest"
+	"github.com/vartalap/vartalap/schema"
+)
+
+// ackSink acks every message as soon as it is delivered, like a fast client.
+type ackSink struct {
+	mu      sync.Mutex
+	ss      *Session
+	pending []string // delivered before the session was known
+	n       atomic.Int64
+	want    int64
+	done    chan struct{}
+}
+
+func (k *ackSink) Deliver(m *schema.Message) bool {
+	k.mu.Lock()
+	if k.ss != nil {
+		k.ss.Ack(m.ID)
+	} else {
+		k.pending = append(k.pending, m.ID)
+	}
+	k.mu.Unlock()
+	if k.n.Add(1) == k.want {
+		close(k.done)
+	}
+	return true
+}
+
+func (k *ackSink) Close(int, string) {}
+
+func (k *ackSink) attach(ss *Session) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	k.ss = ss
+	ss.Ack(k.pending...)
+	k.pending = nil
+}
+
+// BenchmarkSessionDeliver measures messages per second through one session:
+// the backlog is stored first, then one device reads it (batched Direct Get,
+// decode, deliver) and acks every message as it arrives (window refills,
+// cursor flushes, purges).
+func BenchmarkSessionDeliver(b *testing.B) {
+	e := startService(b, natstest.Start(b), Config{MaxPerUser: 1 << 20}, nil)
+	e.publishN(b, "bob", "m", b.N)
+	k := &ackSink{done: make(chan struct{}), want: int64(b.N)}
+	b.ReportAllocs()
+	b.ResetTimer()
+	start := time.Now()
+	ss, err := e.svc.Open(b.Context(), "bob", "phone", k)
+	if err != nil {
+		b.Fatal(err)
+	}
+	k.attach(ss)
+	select {
+	case <-k.done:
+	case <-time.After(5 * time.Minute):
+		b.Fatalf("delivered %d of %d", k.n.Load(), b.N)
+	}
+	b.StopTimer()
+	b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "msgs/s")
+	ss.Close()
+}

@@ -1,0 +1,343 @@
+package delivery
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"slices"
+
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/synadia-io/orbit.go/jetstreamext"
+
+	"github.com/vartalap/vartalap/schema"
+)
+
+// cursorDoc is the value of a user's key in the cursors bucket.
+type cursorDoc struct {
+	Devices map[string]*deviceCursor `json:"devices"`
+	// Purged: every INBOX message of the user with seq <= Purged has been
+	// purged (acked by every device known at the time).
+	Purged uint64 `json:"purged"`
+}
+
+// deviceCursor is one device's position in its user's inbox.
+type deviceCursor struct {
+	// Floor: every INBOX seq of this user <= Floor is acked by the device.
+	Floor uint64 `json:"floor"`
+	// Acked: acked seqs above Floor, ascending.
+	Acked []uint64 `json:"acked,omitempty"`
+}
+
+// merge folds o into c: the higher floor and the union of acked seqs above it.
+func (c *deviceCursor) merge(o *deviceCursor) {
+	c.Floor = max(c.Floor, o.Floor)
+	acked := make([]uint64, 0, len(c.Acked)+len(o.Acked))
+	for _, list := range [][]uint64{c.Acked, o.Acked} {
+		for _, q := range list {
+			if q > c.Floor {
+				acked = append(acked, q)
+			}
+		}
+	}
+	slices.Sort(acked)
+	c.Acked = slices.Compact(acked)
+	if len(c.Acked) == 0 {
+		c.Acked = nil
+	}
+}
+
+// minFloor returns the lowest floor over the devices, and false if there are
+// none.
+func (d *cursorDoc) minFloor() (uint64, bool) {
+	first := true
+	var m uint64
+	for _, c := range d.Devices {
+		if first || c.Floor < m {
+			m, first = c.Floor, false
+		}
+	}
+	return m, !first
+}
+
+type casOp int
+
+const (
+	casNone casOp = iota
+	casPut
+	casDelete
+)
+
+const casAttempts = 32
+
+// headerNumPending is set on batched Direct Get responses: how many matching
+// messages follow (as of the request).
+const headerNumPending = "Nats-Num-Pending"
+
+// cas reads key as JSON into a fresh T, lets fn change it and writes it back
+// with compare-and-set on the revision, retrying on conflicts. A value that
+// does not decode is logged and replaced (treated as absent). It returns the
+// value as last seen or written and its revision (0 when absent or deleted).
+func cas[T any](ctx context.Context, log *slog.Logger, kv jetstream.KeyValue, key string, fn func(v *T, exists bool) casOp) (*T, uint64, error) {
+	for range casAttempts {
+		v := new(T)
+		var rev uint64
+		e, err := kv.Get(ctx, key)
+		switch {
+		case errors.Is(err, jetstream.ErrKeyNotFound):
+		case err != nil:
+			return nil, 0, fmt.Errorf("get %s/%s: %w", kv.Bucket(), key, err)
+		default:
+			rev = e.Revision()
+			if err := json.Unmarshal(e.Value(), v); err != nil {
+				log.Error("corrupt kv value replaced", "bucket", kv.Bucket(), "key", key, "err", err)
+				v = new(T)
+			}
+		}
+		op := fn(v, rev != 0)
+		var wrev uint64
+		switch {
+		case op == casNone:
+			return v, rev, nil
+		case op == casDelete && rev == 0:
+			return v, 0, nil
+		case op == casDelete:
+			err = kv.Delete(ctx, key, jetstream.LastRevision(rev))
+		default:
+			b, merr := json.Marshal(v)
+			if merr != nil {
+				return nil, 0, fmt.Errorf("encode %s/%s: %w", kv.Bucket(), key, merr)
+			}
+			if rev == 0 {
+				wrev, err = kv.Create(ctx, key, b)
+			} else {
+				wrev, err = kv.Update(ctx, key, b, rev)
+			}
+		}
+		if err == nil {
+			return v, wrev, nil
+		}
+		if !errors.Is(err, jetstream.ErrKeyExists) && !errors.Is(err, jetstream.ErrKeyRevisionMismatch) && !isWrongLastSeq(err) {
+			return nil, 0, fmt.Errorf("write %s/%s: %w", kv.Bucket(), key, err)
+		}
+	}
+	return nil, 0, fmt.Errorf("write %s/%s: too much contention", kv.Bucket(), key)
+}
+
+// isWrongLastSeq reports a CAS conflict on Delete with LastRevision, which
+// nats.go returns as a plain API error.
+func isWrongLastSeq(err error) bool {
+	var apiErr *jetstream.APIError
+	return errors.As(err, &apiErr) && (apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence || apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequenceConstant)
+}
+
+func (s *Service) updateCursor(ctx context.Context, a *assets, user schema.UserID, fn func(d *cursorDoc) bool) (*cursorDoc, error) {
+	doc, _, err := cas(ctx, s.log, a.cursors, schema.Token(user), func(d *cursorDoc, _ bool) casOp {
+		if d.Devices == nil {
+			d.Devices = make(map[string]*deviceCursor)
+		}
+		if fn(d) {
+			return casPut
+		}
+		return casNone
+	})
+	if err != nil {
+		return nil, fmt.Errorf("update cursor of %s: %w", user, err)
+	}
+	return doc, nil
+}
+
+// openCursor returns the device's cursor, registering the device (at the
+// user's purge point) when it has none, so purges wait for it from now on.
+func (s *Service) openCursor(ctx context.Context, a *assets, user schema.UserID, device schema.DeviceID) (deviceCursor, error) {
+	var out deviceCursor
+	_, err := s.updateCursor(ctx, a, user, func(d *cursorDoc) bool {
+		if c := d.Devices[string(device)]; c != nil {
+			out = deviceCursor{Floor: c.Floor, Acked: slices.Clone(c.Acked)}
+			return false
+		}
+		out = deviceCursor{Floor: d.Purged}
+		d.Devices[string(device)] = &deviceCursor{Floor: d.Purged}
+		return true
+	})
+	return out, err
+}
+
+// maybePurge purges the user's messages acked by every known device and
+// records the purge point. With no device left nothing is purged: a future
+// device will get what is still there.
+func (s *Service) maybePurge(ctx context.Context, a *assets, user schema.UserID, doc *cursorDoc) error {
+	floor, ok := doc.minFloor()
+	if !ok || floor <= doc.Purged {
+		return nil
+	}
+	subj := schema.UserInbox(user)
+	if err := a.inbox.Purge(ctx, jetstream.WithPurgeSubject(subj), jetstream.WithPurgeSequence(floor+1)); err != nil {
+		return fmt.Errorf("purge %s below %d: %w", subj, floor+1, err)
+	}
+	_, err := s.updateCursor(ctx, a, user, func(d *cursorDoc) bool {
+		if d.Purged >= floor {
+			return false
+		}
+		d.Purged = floor
+		return true
+	})
+	return err
+}
+
+// ForgetDevice drops the device's cursor (logout) and purges what is now
+// acked by every remaining device.
+func (s *Service) ForgetDevice(ctx context.Context, user schema.UserID, device schema.DeviceID) error {
+	if !user.Valid() || !device.Valid() {
+		return fmt.Errorf("forget device: %w", schema.ErrInvalidID)
+	}
+	a, err := s.getAssets()
+	if err != nil {
+		return err
+	}
+	doc, err := s.updateCursor(ctx, a, user, func(d *cursorDoc) bool {
+		if _, ok := d.Devices[string(device)]; !ok {
+			return false
+		}
+		delete(d.Devices, string(device))
+		return true
+	})
+	if err != nil {
+		return err
+	}
+	return s.maybePurge(ctx, a, user, doc)
+}
+
+// AckByID marks the messages with the given ids as acked by device without a
+// socket (REST acks). It scans the device's pending messages from its cursor,
+// at most MaxPerUser of them, and advances the cursor. A session of the
+// device on this node is told as well.
+func (s *Service) AckByID(ctx context.Context, user schema.UserID, device schema.DeviceID, ids []string) error {
+	if !user.Valid() || !device.Valid() {
+		return fmt.Errorf("ack by id: %w", schema.ErrInvalidID)
+	}
+	if len(ids) == 0 {
+		return nil
+	}
+	a, err := s.getAssets()
+	if err != nil {
+		return err
+	}
+	want := make(map[string]struct{}, len(ids))
+	for _, id := range ids {
+		want[id] = struct{}{}
+	}
+
+	// Snapshot the device's cursor.
+	var cur deviceCursor
+	var known bool
+	if _, _, err := cas(ctx, s.log, a.cursors, schema.Token(user), func(d *cursorDoc, _ bool) casOp {
+		if c := d.Devices[string(device)]; c != nil {
+			cur, known = deviceCursor{Floor: c.Floor, Acked: slices.Clone(c.Acked)}, true
+		} else {
+			cur = deviceCursor{Floor: d.Purged}
+		}
+		return casNone
+	}); err != nil {
+		return fmt.Errorf("ack by id: %w", err)
+	}
+
+	// Walk the pending messages: the floor advances over a contiguous run of
+	// acked ones; later matches are recorded as acked above the floor.
+	upd := deviceCursor{Floor: cur.Floor}
+	contiguous := true
+	var scanned int64
+	_, err = s.scan(ctx, schema.UserInbox(user), cur.Floor+1, 256, func(m *jetstream.RawStreamMsg) bool {
+		scanned++
+		acked := false
+		if _, ok := slices.BinarySearch(cur.Acked, m.Sequence); ok {
+			acked = true
+		} else if msg, err := schema.UnmarshalProto(m.Data); err == nil {
+			_, acked = want[msg.ID]
+			if acked && !contiguous {
+				upd.Acked = append(upd.Acked, m.Sequence)
+			}
+		}
+		switch {
+		case acked && contiguous:
+			upd.Floor = m.Sequence
+		case !acked:
+			contiguous = false
+		}
+		return scanned < s.cfg.MaxPerUser
+	})
+	if err != nil {
+		return fmt.Errorf("ack by id: %w", err)
+	}
+	upd.merge(&deviceCursor{Acked: cur.Acked})
+	if !known && upd.Floor == cur.Floor && len(upd.Acked) == 0 {
+		return nil // nothing matched for a device we do not track
+	}
+	doc, err := s.updateCursor(ctx, a, user, func(d *cursorDoc) bool {
+		c := d.Devices[string(device)]
+		if c == nil {
+			if known {
+				return false // forgotten meanwhile
+			}
+			c = &deviceCursor{}
+			d.Devices[string(device)] = c
+		}
+		c.merge(&upd)
+		return true
+	})
+	if err != nil {
+		return err
+	}
+	for _, ss := range s.local(user, device) {
+		ss.Ack(ids...)
+	}
+	return s.maybePurge(ctx, a, user, doc)
+}
+
+// scan reads the INBOX messages on subj with seq >= from in order, batch at a
+// time, calling fn for each until fn returns false. It reports whether the
+// end of the stream was reached.
+func (s *Service) scan(ctx context.Context, subj string, from uint64, batch int, fn func(*jetstream.RawStreamMsg) bool) (end bool, err error) {
+	batch = max(1, min(batch, 1000))
+	for {
+		bctx, cancel := context.WithTimeout(ctx, s.opTimeout)
+		it, err := jetstreamext.GetBatch(bctx, s.js, schema.StreamInbox, batch,
+			jetstreamext.GetBatchSeq(from), jetstreamext.GetBatchSubject(subj))
+		if err != nil {
+			cancel()
+			return false, fmt.Errorf("read %s from %d: %w", subj, from, err)
+		}
+		n, pending, stopped := 0, "", false
+		for m, ierr := range it {
+			if ierr != nil {
+				err = ierr
+				break
+			}
+			n++
+			from = m.Sequence + 1
+			pending = m.Header.Get(headerNumPending)
+			if !fn(m) {
+				stopped = true
+				break
+			}
+		}
+		cancel()
+		switch {
+		case errors.Is(err, jetstreamext.ErrNoMessages):
+			return true, nil
+		case err != nil:
+			return false, fmt.Errorf("read %s from %d: %w", subj, from, err)
+		case stopped:
+			return false, nil
+		case n == 0:
+			// The iterator ends silently on a timeout.
+			if cerr := ctx.Err(); cerr != nil {
+				return false, cerr
+			}
+			return false, fmt.Errorf("read %s from %d: %w", subj, from, context.DeadlineExceeded)
+		case pending == "0":
+			return true, nil
+		}
+	}
+}

@@ -1,0 +1,584 @@
+package delivery
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/vartalap/vartalap/internal/natstest"
+	"github.com/vartalap/vartalap/schema"
+)
+
+func TestNewValidates(t *testing.T) {
+	srv := natstest.Start(t)
+	_, js := srv.JetStream(t)
+	cases := []struct {
+		name string
+		cfg  Config
+		ok   bool
+	}{
+		{"defaults", Config{JS: js}, true},
+		{"no jetstream", Config{}, false},
+		{"node with dot", Config{JS: js, Node: "a.b"}, false},
+		{"negative window", Config{JS: js, MaxInFlight: -1}, false},
+		{"too many replicas", Config{JS: js, Replicas: 7}, false},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			s, err := New(tc.cfg)
+			if (err == nil) != tc.ok {
+				t.Fatalf("New err = %v, want ok=%v", err, tc.ok)
+			}
+			if tc.ok && (s.cfg.MaxInFlight != 256 || s.cfg.Retention != 30*24*time.Hour || !validNode(s.Node())) {
+				t.Fatalf("defaults not filled: %+v", s.cfg)
+			}
+		})
+	}
+}
+
+func TestSetupIdempotentAndFullInboxRejects(t *testing.T) {
+	srv := natstest.Start(t)
+	_, js := srv.JetStream(t)
+	s, err := New(Config{JS: js, MaxPerUser: 3, Retention: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 2 {
+		if err := s.Setup(t.Context()); err != nil {
+			t.Fatalf("setup: %v", err)
+		}
+	}
+	st, err := js.Stream(t.Context(), schema.StreamInbox)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := st.CachedInfo().Config
+	if cfg.Discard != jetstream.DiscardNew || !cfg.DiscardNewPerSubject || cfg.MaxMsgsPerSubject != 3 ||
+		!cfg.AllowDirect || cfg.RePublish == nil || cfg.RePublish.Destination != schema.SubjectDeliverRepub ||
+		cfg.MaxConsumers != 64 || cfg.MaxAge != time.Hour {
+		t.Fatalf("unexpected INBOX config: %+v", cfg)
+	}
+	e := &env{js: js}
+	e.publishN(t, "bob", "m", 3)
+	_, err = js.PublishMsg(t.Context(), natsMsg("bob", "m4"))
+	if err == nil {
+		t.Fatal("a full inbox accepted a fourth message")
+	}
+	if got := e.stored(t, "bob"); got != 3 {
+		t.Fatalf("stored %d, want the first 3 kept", got)
+	}
+}
+
+func TestCatchUpInOrder(t *testing.T) {
+	cases := []struct {
+		name    string
+		backlog int
+		window  int
+	}{
+		{"empty inbox", 0, 256},
+		{"small backlog", 5, 256},
+		{"backlog over several batches", 700, 1000},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newEnv(t, Config{MaxInFlight: tc.window}, nil)
+			want := e.publishN(t, "bob", "m", tc.backlog)
+			e.publishN(t, "carol", "x", 3) // another user's inbox must not leak in
+			k := &testSink{}
+			e.open(t, "bob", "phone", k)
+			e.publish(t, "bob", "live")
+			waitIDs(t, k, append(want, "live"))
+		})
+	}
+}
+
+func TestLiveDeliveryDuringCatchUp(t *testing.T) {
+	e := newEnv(t, Config{MaxInFlight: 1000}, nil)
+	before := e.publishN(t, "bob", "a", 200)
+	k := &testSink{}
+	e.open(t, "bob", "phone", k)
+	after := e.publishN(t, "bob", "b", 200) // races with the catch-up read
+	waitIDs(t, k, append(before, after...))
+}
+
+func TestGapRepair(t *testing.T) {
+	cases := []struct {
+		name      string
+		sweep     time.Duration
+		nextAfter bool // publish one more message after the drops
+	}{
+		{"next message reveals the gap", time.Hour, true},
+		{"drop sweep repairs without a next message", 20 * time.Millisecond, false},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newEnv(t, Config{}, func(s *Service) {
+				s.liveBuffer = 1
+				s.dropSweep = tc.sweep
+			})
+			k := &testSink{}
+			e.open(t, "bob", "phone", k)
+			e.publish(t, "bob", "m0")
+			waitIDs(t, k, []string{"m0"})
+
+			e.svc.mu.RLock()
+			sub := e.svc.users["bob"].sub
+			ch := e.svc.liveCh
+			e.svc.mu.RUnlock()
+
+			// Stall the dispatcher: it takes m1 and blocks on the lock; m2
+			// fills the one-slot channel; m3..m5 are dropped by the client.
+			e.svc.mu.Lock()
+			e.publish(t, "bob", "m1")
+			waitFor(t, "dispatcher to take m1", func() bool { return len(ch) == 0 })
+			for _, id := range []string{"m2", "m3", "m4", "m5"} {
+				e.publish(t, "bob", id) // the PubAck arrives after the republish was handled
+			}
+			dropped, err := sub.Dropped()
+			e.svc.mu.Unlock()
+			if err != nil || dropped != 3 {
+				t.Fatalf("dropped = %d, %v; want 3 (test setup)", dropped, err)
+			}
+			want := []string{"m0", "m1", "m2", "m3", "m4", "m5"}
+			if tc.nextAfter {
+				waitIDs(t, k, []string{"m0", "m1", "m2"})
+				e.publish(t, "bob", "m6")
+				want = append(want, "m6")
+			}
+			waitIDs(t, k, want)
+		})
+	}
+}
+
+func TestSessionQueueOverflowRepaired(t *testing.T) {
+	e := newEnv(t, Config{}, func(s *Service) { s.queueMsgs = 2; s.dropSweep = time.Hour })
+	gate := make(chan struct{})
+	k := &testSink{gate: gate}
+	e.open(t, "bob", "phone", k)
+	e.publish(t, "bob", "m1") // the session stalls delivering m1
+	ids := e.publishN(t, "bob", "n", 6)
+	e.svc.mu.RLock()
+	ch := e.svc.liveCh
+	e.svc.mu.RUnlock()
+	waitFor(t, "dispatcher to drain", func() bool { return len(ch) == 0 })
+	close(gate)
+	waitIDs(t, k, append([]string{"m1"}, ids...))
+}
+
+func TestTwoDevicesIndependent(t *testing.T) {
+	e := newEnv(t, Config{}, nil)
+	a, b := &testSink{}, &testSink{}
+	sa := e.open(t, "bob", "phone", a)
+	sb := e.open(t, "bob", "laptop", b)
+	ids := e.publishN(t, "bob", "m", 5)
+	waitIDs(t, a, ids)
+	waitIDs(t, b, ids)
+	sa.Ack(ids...)
+	sa.Close()
+	sb.Close()
+
+	a2, b2 := &testSink{}, &testSink{}
+	e.open(t, "bob", "phone", a2)
+	e.open(t, "bob", "laptop", b2)
+	e.publish(t, "bob", "m6")
+	waitIDs(t, a2, []string{"m6"})
+	waitIDs(t, b2, append(ids, "m6"))
+}
+
+func TestAckAndReconnect(t *testing.T) {
+	all := seqIDs("m", 1, 5)
+	cases := []struct {
+		name  string
+		ack   []string
+		again []string // delivered on the next connection
+	}{
+		{"all acked: nothing again", all, nil},
+		{"none acked: everything again", nil, all},
+		{"acked out of order: only the rest again", []string{"m2", "m4", "m5"}, []string{"m1", "m3"}},
+		{"prefix acked: the rest again", []string{"m1", "m2"}, []string{"m3", "m4", "m5"}},
+		{"unknown id: no effect", []string{"zz"}, all},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newEnv(t, Config{}, nil)
+			e.publishN(t, "bob", "m", 5)
+			k := &testSink{}
+			ss := e.open(t, "bob", "phone", k)
+			waitIDs(t, k, all)
+			ss.Ack(tc.ack...)
+			ss.Close()
+
+			k2 := &testSink{}
+			e.open(t, "bob", "phone", k2)
+			e.publish(t, "bob", "end")
+			waitIDs(t, k2, append(slices.Clone(tc.again), "end"))
+		})
+	}
+}
+
+func TestAckTimeoutRedelivery(t *testing.T) {
+	e := newEnv(t, Config{AckTimeout: 150 * time.Millisecond}, nil)
+	k := &testSink{}
+	ss := e.open(t, "bob", "phone", k)
+	e.publish(t, "bob", "m1")
+	e.publish(t, "bob", "m2")
+	waitIDs(t, k, []string{"m1", "m2"})
+	ss.Ack("m1")
+	waitFor(t, "m2 redelivered twice", func() bool { return k.count("m2") >= 3 })
+	if n := k.count("m1"); n != 1 {
+		t.Fatalf("acked m1 delivered %d times", n)
+	}
+	ss.Ack("m2")
+	// After the ack, at most one redelivery that was already under way.
+	n := k.count("m2")
+	e.publish(t, "bob", "m3")
+	waitFor(t, "m3", func() bool { return k.count("m3") == 1 })
+	ss.Close()
+	if got := k.count("m2"); got > n+1 {
+		t.Fatalf("m2 redelivered after its ack: %d -> %d", n, got)
+	}
+}
+
+func TestInFlightWindow(t *testing.T) {
+	const window = 10
+	e := newEnv(t, Config{MaxInFlight: window}, nil)
+	ids := e.publishN(t, "bob", "m", 35)
+	k := &testSink{}
+	ss := e.open(t, "bob", "phone", k)
+	waitIDs(t, k, ids[:window])
+	ids = append(ids, seqIDs("live", 1, 3)...)
+	e.publishN(t, "bob", "live", 3) // arrive while the window is full
+	for acked := 0; acked < len(ids); {
+		waitFor(t, "window refill", func() bool { return k.len() >= min(acked+window, len(ids)) })
+		batch := k.ids()[acked:]
+		k.mu.Lock()
+		k.acked += len(batch)
+		k.mu.Unlock()
+		ss.Ack(batch...)
+		acked += len(batch)
+	}
+	waitIDs(t, k, ids)
+	k.mu.Lock()
+	maxOut := k.maxOut
+	k.mu.Unlock()
+	if maxOut > window {
+		t.Fatalf("%d unacked messages outstanding, window is %d", maxOut, window)
+	}
+}
+
+func TestSlowConsumer(t *testing.T) {
+	e := newEnv(t, Config{}, nil)
+	ids := e.publishN(t, "bob", "m", 10)
+	k := &testSink{limit: 3}
+	e.open(t, "bob", "phone", k)
+	waitFor(t, "slow consumer close", func() bool { c, _ := k.closed(); return c == CloseSlowConsumer })
+	waitFor(t, "session end", func() bool { return e.svc.Sessions() == 0 })
+	if _, n := k.closed(); n != 1 {
+		t.Fatalf("sink closed %d times", n)
+	}
+	k2 := &testSink{}
+	e.open(t, "bob", "phone", k2)
+	waitIDs(t, k2, ids)
+}
+
+func TestReplace(t *testing.T) {
+	cases := []struct {
+		name      string
+		otherNode bool
+	}{
+		{"same node", false},
+		{"other node", true},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newEnv(t, Config{Node: "n1"}, nil)
+			e2 := e
+			if tc.otherNode {
+				e2 = startService(t, e.srv, Config{Node: "n2"}, nil)
+			}
+			k1, k2 := &testSink{}, &testSink{}
+			e.open(t, "bob", "phone", k1)
+			e2.open(t, "bob", "phone", k2)
+			waitFor(t, "old session closed", func() bool { c, _ := k1.closed(); return c == CloseReplaced })
+			waitFor(t, "old session gone", func() bool {
+				n := e.svc.Sessions()
+				if tc.otherNode {
+					n += e2.svc.Sessions()
+				}
+				return n == 1
+			})
+			if c, _ := k2.closed(); c != 0 {
+				t.Fatalf("new session closed with %d", c)
+			}
+			e.publish(t, "bob", "m1")
+			waitIDs(t, k2, []string{"m1"})
+			if k1.len() != 0 {
+				t.Fatalf("replaced session got %v", k1.ids())
+			}
+		})
+	}
+}
+
+func TestKick(t *testing.T) {
+	cases := []struct {
+		name       string
+		reason     string
+		forgotten  bool
+		wantStored uint64
+	}{
+		// laptop acked everything; once phone is forgotten nothing is pending.
+		{"logout forgets the device", KickLogout, true, 0},
+		{"key replaced keeps the cursor", KickKeyReplaced, false, 3},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newEnv(t, Config{}, nil)
+			phone, laptop := &testSink{}, &testSink{}
+			e.open(t, "bob", "phone", phone)
+			sl := e.open(t, "bob", "laptop", laptop)
+			ids := e.publishN(t, "bob", "m", 3)
+			waitIDs(t, laptop, ids)
+			sl.Ack(ids...)
+			sl.Close()
+
+			payload, _ := json.Marshal(kickMsg{Reason: tc.reason})
+			if err := e.nc.Publish(schema.Kick("bob", "phone"), payload); err != nil {
+				t.Fatal(err)
+			}
+			waitFor(t, "kicked session closed", func() bool { c, _ := phone.closed(); return c == CloseLoggedOut })
+			waitFor(t, "cursor state", func() bool {
+				_, ok := e.cursorOf(t, "bob").Devices["phone"]
+				return ok != tc.forgotten
+			})
+			waitFor(t, "inbox state", func() bool { return e.stored(t, "bob") == tc.wantStored })
+		})
+	}
+}
+
+func TestStaleReplaceKickIgnored(t *testing.T) {
+	e := newEnv(t, Config{Node: "n1"}, nil)
+	phone, laptop := &testSink{}, &testSink{}
+	e.open(t, "bob", "laptop", laptop) // presence revision 1
+	sp := e.open(t, "bob", "phone", phone)
+	kick := func(device schema.DeviceID, k kickMsg) {
+		t.Helper()
+		b, _ := json.Marshal(k)
+		if err := e.nc.Publish(schema.Kick("bob", device), b); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// A replace kick from a session older than phone's (lower presence
+	// revision), e.g. delayed on another node, must not close it. Kicks are
+	// handled in order, so once laptop is closed the first one was seen.
+	kick("phone", kickMsg{Reason: KickReplaced, Session: "older", Node: "n9", Rev: sp.rev.Load() - 1})
+	kick("laptop", kickMsg{Reason: KickKeyReplaced})
+	waitFor(t, "laptop closed", func() bool { c, _ := laptop.closed(); return c == CloseLoggedOut })
+	if c, n := phone.closed(); n != 0 {
+		t.Fatalf("stale kick closed the newer session with %d", c)
+	}
+	kick("phone", kickMsg{Reason: KickReplaced, Session: "newer", Node: "n9", Rev: sp.rev.Load() + 1})
+	waitFor(t, "phone replaced", func() bool { c, _ := phone.closed(); return c == CloseReplaced })
+}
+
+func TestPurgeAfterAllDevicesAck(t *testing.T) {
+	e := newEnv(t, Config{CursorFlush: 10 * time.Millisecond}, nil)
+	other := e.publishN(t, "carol", "c", 2)
+	a, b := &testSink{}, &testSink{}
+	sa := e.open(t, "bob", "phone", a)
+	sb := e.open(t, "bob", "laptop", b)
+	ids := e.publishN(t, "bob", "m", 5)
+	waitIDs(t, a, ids)
+	waitIDs(t, b, ids)
+
+	sa.Ack(ids...)
+	waitFor(t, "phone cursor", func() bool { return e.cursorOf(t, "bob").Devices["phone"].Floor > 0 })
+	if n := e.stored(t, "bob"); n != 5 {
+		t.Fatalf("stored %d after one device acked, want 5 (laptop has not acked)", n)
+	}
+	sb.Ack(ids[:2]...)
+	waitFor(t, "partial purge", func() bool { return e.stored(t, "bob") == 3 })
+	sb.Ack(ids[2:]...)
+	waitFor(t, "full purge", func() bool { return e.stored(t, "bob") == 0 })
+	if n := e.stored(t, "carol"); n != uint64(len(other)) {
+		t.Fatalf("another user's inbox changed: %d", n)
+	}
+	if d := e.cursorOf(t, "bob"); d.Purged == 0 {
+		t.Fatalf("purge point not recorded: %+v", d)
+	}
+}
+
+func TestCursorSurvivesRestart(t *testing.T) {
+	leakCheck(t)
+	dir := t.TempDir()
+	srv := natstest.StartAt(t, dir)
+	e := startService(t, srv, Config{}, nil)
+	ids := e.publishN(t, "bob", "m", 5)
+	k := &testSink{}
+	ss := e.open(t, "bob", "phone", k)
+	waitIDs(t, k, ids)
+	ss.Ack("m1", "m2", "m4")
+	ss.Close()
+	e.stop()
+	e.nc.Close()
+	srv.Shutdown()
+	srv.WaitForShutdown()
+
+	e2 := startService(t, natstest.StartAt(t, dir), Config{}, nil)
+	k2 := &testSink{}
+	e2.open(t, "bob", "phone", k2)
+	e2.publish(t, "bob", "m6")
+	waitIDs(t, k2, []string{"m3", "m5", "m6"})
+}
+
+func TestOnline(t *testing.T) {
+	fast := func(s *Service) { s.nodeTTL = time.Second; s.heartbeat = 100 * time.Millisecond }
+	e1 := newEnv(t, Config{Node: "n1"}, fast)
+	e2 := startService(t, e1.srv, Config{Node: "n2"}, fast)
+	online := func() []schema.DeviceID {
+		d, err := e1.svc.Online(t.Context(), "bob")
+		if err != nil {
+			t.Fatalf("online: %v", err)
+		}
+		return d
+	}
+	if d := online(); len(d) != 0 {
+		t.Fatalf("online before any session: %v", d)
+	}
+	sp := e1.open(t, "bob", "phone", &testSink{})
+	e2.open(t, "bob", "tablet", &testSink{})
+	tab := e1.open(t, "bob", "laptop", &testSink{})
+	if d := online(); !slices.Equal(d, []schema.DeviceID{"laptop", "phone", "tablet"}) {
+		t.Fatalf("online = %v", d)
+	}
+	tab.Close()
+	if d := online(); !slices.Equal(d, []schema.DeviceID{"phone", "tablet"}) {
+		t.Fatalf("online after close = %v", d)
+	}
+	// Node n2 dies without deregistering: its connection is gone, its
+	// heartbeat expires and its device drops out.
+	e2.nc.Close()
+	waitFor(t, "dead node's device offline", func() bool {
+		return slices.Equal(online(), []schema.DeviceID{"phone"})
+	})
+	sp.Close()
+	if d := online(); len(d) != 0 {
+		t.Fatalf("online after all closed = %v", d)
+	}
+}
+
+func TestEphemeral(t *testing.T) {
+	e := newEnv(t, Config{AckTimeout: 100 * time.Millisecond}, nil)
+	a, b := &testSink{}, &testSink{}
+	sa := e.open(t, "bob", "phone", a)
+	e.open(t, "bob", "laptop", b)
+	m := testMsg("bob", "typing")
+	m.Ephemeral = true
+	if err := e.svc.PublishEphemeral(t.Context(), "bob", m); err != nil {
+		t.Fatal(err)
+	}
+	waitIDs(t, a, []string{"typing"})
+	waitIDs(t, b, []string{"typing"})
+	if n := e.stored(t, "bob"); n != 0 {
+		t.Fatalf("ephemeral message stored: %d", n)
+	}
+	// Not redelivered after the ack timeout (the stored m1, left unacked,
+	// shows the timeout has passed), nor on reconnect.
+	e.publish(t, "bob", "m1")
+	waitIDs(t, a, []string{"typing", "m1"})
+	waitFor(t, "m1 redelivered", func() bool { return a.count("m1") >= 2 })
+	sa.Ack("m1")
+	sa.Close()
+	if got := a.count("typing"); got != 1 {
+		t.Fatalf("ephemeral delivered %d times", got)
+	}
+	a2 := &testSink{}
+	e.open(t, "bob", "phone", a2)
+	e.publish(t, "bob", "m2")
+	waitIDs(t, a2, []string{"m2"})
+
+	if err := e.svc.PublishEphemeral(t.Context(), "bad.user", m); !errors.Is(err, schema.ErrInvalidID) {
+		t.Fatalf("invalid user: %v", err)
+	}
+}
+
+func TestAckByID(t *testing.T) {
+	e := newEnv(t, Config{}, nil)
+	ids := e.publishN(t, "bob", "m", 4)
+	// A device that never had a socket acks over REST.
+	if err := e.svc.AckByID(t.Context(), "bob", "rest", []string{"m1", "m3", "nope"}); err != nil {
+		t.Fatalf("ack by id: %v", err)
+	}
+	c := e.cursorOf(t, "bob").Devices["rest"]
+	if c == nil || len(c.Acked) != 1 {
+		t.Fatalf("cursor after REST ack: %+v", c)
+	}
+	k := &testSink{}
+	ss := e.open(t, "bob", "rest", k)
+	waitIDs(t, k, []string{"m2", "m4"})
+	// A REST ack while a session is open reaches the session too.
+	if err := e.svc.AckByID(t.Context(), "bob", "rest", []string{"m2", "m4"}); err != nil {
+		t.Fatal(err)
+	}
+	ss.Close()
+	k2 := &testSink{}
+	e.open(t, "bob", "rest", k2)
+	e.publish(t, "bob", "m5")
+	waitIDs(t, k2, []string{"m5"})
+	if n := e.stored(t, "bob"); n > 1 {
+		t.Fatalf("acked messages not purged: %d stored of %d", n, len(ids)+1)
+	}
+}
+
+func TestOpenErrors(t *testing.T) {
+	srv := natstest.Start(t)
+	_, js := srv.JetStream(t)
+	s, err := New(Config{JS: js})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Open(t.Context(), "bob", "phone", &testSink{}); !errors.Is(err, ErrNotSetup) {
+		t.Fatalf("open before setup: %v", err)
+	}
+	if err := s.Setup(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Open(t.Context(), "bob", "phone", &testSink{}); !errors.Is(err, ErrNotRunning) {
+		t.Fatalf("open before run: %v", err)
+	}
+	if _, err := s.Open(t.Context(), "bob>", "phone", &testSink{}); !errors.Is(err, schema.ErrInvalidID) {
+		t.Fatalf("open with bad user: %v", err)
+	}
+}
+
+func TestRunClosesSessionsOnShutdown(t *testing.T) {
+	e := newEnv(t, Config{}, nil)
+	k := &testSink{}
+	ss := e.open(t, "bob", "phone", k)
+	e.publish(t, "bob", "m1")
+	waitIDs(t, k, []string{"m1"})
+	ss.Ack("m1")
+	e.stop()
+	if c, n := k.closed(); c != CloseGoingAway || n != 1 {
+		t.Fatalf("close = %d (%d times), want %d once", c, n, CloseGoingAway)
+	}
+	ss.Close() // idempotent after the service ended
+	if e.svc.Sessions() != 0 {
+		t.Fatal("sessions left after Run returned")
+	}
+	if _, err := e.svc.Open(t.Context(), "bob", "phone", &testSink{}); !errors.Is(err, ErrNotRunning) {
+		t.Fatalf("open after run: %v", err)
+	}
+	// The ack was flushed on the way out.
+	if c := e.cursorOf(t, "bob").Devices["phone"]; c == nil || c.Floor == 0 {
+		t.Fatalf("cursor not flushed on shutdown: %+v", c)
+	}
+	a, _ := e.svc.getAssets()
+	if _, err := a.nodes.Get(context.Background(), e.svc.Node()); !errors.Is(err, jetstream.ErrKeyNotFound) {
+		t.Fatalf("node heartbeat left behind: %v", err)
+	}
+}

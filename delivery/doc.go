@@ -1,0 +1,79 @@
+// Package delivery owns each user's durable inbox and gets every message in
+// it to every device of the user, at least once and in stream order, until
+// that device acks it.
+//
+// # Assets (created idempotently by Setup)
+//
+//   - Stream INBOX, subjects msg.user.<user>: limits retention, file storage,
+//     MaxAge = Config.Retention, MaxMsgsPerSubject = Config.MaxPerUser with
+//     DiscardNew per subject (a full inbox rejects new mail; it never evicts
+//     unread mail), AllowDirect, AllowAtomicPublish, republish to
+//     deliver.user.<user>. There are no per-user consumers.
+//   - KV cursors (file): key = user token, value
+//     {"devices":{"<device>":{"floor":N,"acked":[seq…]}},"purged":P}. floor is
+//     the device's contiguous ack floor (every INBOX seq of the user <= floor
+//     is acked by it), acked the acked seqs above it. Written with CAS, at most
+//     every Config.CursorFlush and when a session ends. After a write, the
+//     user's subject is purged below the lowest floor over the devices and P
+//     recorded, so the inbox holds only what some device still has to ack
+//     (bounded by MaxAge). A device that has never connected is not waited
+//     for; with no device left nothing is purged.
+//   - KV presence (memory): key = user token, value
+//     {"<device>":{"node":…,"since":<unix ms>,"session":…}}, CAS-updated when a
+//     session opens and closes.
+//   - KV nodes (memory, TTL 30s): key = node id, Put every 10s by Run. Online
+//     counts a device only while its node's heartbeat is alive, so the users
+//     of a crashed node go offline.
+//
+// # Subjects
+//
+// Consumed: deliver.user.<user> (core; one subscription per user with a
+// session on this node, all feeding one channel and one dispatcher
+// goroutine), ctl.kick.<user>.<device> (core; one subscription per process).
+// Published: ctl.kick.<user>.<device>
+// ({"reason":"replaced","session":…,"node":…,"rev":…}) when a session opens;
+// deliver.user.<user> by PublishEphemeral. Read: INBOX by batched Direct Get
+// (no consumers). rev is the revision of the new session's presence write:
+// it orders a user's sessions across nodes, so a kick that arrives late never
+// closes a session opened after the kicking one.
+//
+// # Delivery contract
+//
+// A Session subscribes first, loads the device cursor, reads the backlog
+// from floor+1 in stream order (skipping seqs already acked) and then goes
+// live. Republished messages carry Nats-Sequence and the per-subject
+// Nats-Last-Sequence: a message at or below the session's position is a
+// duplicate, one whose Nats-Last-Sequence is at or below the position is
+// delivered from the live payload, anything else is a gap and the missing
+// range is read from the stream first. Messages dropped on the way (a full
+// channel or session queue) are detected and re-read the same way. Live
+// messages without Nats-Sequence are ephemeral: delivered to every connected
+// device, never tracked, stored or redelivered.
+//
+// At most Config.MaxInFlight unacked messages are outstanding per device;
+// beyond that the session remembers that the stream has more and reads it
+// when acks free half the window, so memory per session is bounded whatever
+// senders do. (The cursor's acked list holds acks above the oldest unacked
+// message; it is bounded by the inbox cap, MaxPerUser.)
+// Ack maps message ids to in-flight seqs (all of them, ids may repeat). An
+// acked message is never sent to that device again, also after reconnecting;
+// an unacked one is sent again on the next connection and, while connected,
+// every Config.AckTimeout. A Sink whose queue is full is closed with 1013
+// ("slow consumer"); nothing is lost because the inbox holds it.
+//
+// A new Open of the same (user, device) replaces the old session: on this
+// node it is closed with 4002 and its cursor flushed before the new one
+// loads it; other nodes close theirs on the kick. Kicks with reason "logout"
+// or "key_replaced" (from the profile service) close the device's sessions
+// with 4001; "logout" also forgets the device's cursor.
+//
+// # Concurrency
+//
+// Each session runs in one goroutine owned by the Service (started by Open,
+// joined by Run on exit) that does catch-up, live delivery, acks, timers and
+// flushes; Ack and Close only signal it. Timers are armed only while
+// something is in flight, dirty or being retried, so an idle session costs a
+// parked goroutine and a few hundred bytes. The dispatcher never blocks on a
+// session. All exported methods are safe for concurrent use. Sink methods
+// are called from the session goroutine and must not block or call Close.
+package delivery

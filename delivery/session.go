@@ -1,0 +1,606 @@
+package delivery
+
+import (
+	"cmp"
+	"context"
+	"crypto/rand"
+	"slices"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/vartalap/vartalap/schema"
+)
+
+// Sink is the connection a session writes to (implemented by the gateway).
+// Both methods are called from the session's goroutine.
+type Sink interface {
+	// Deliver enqueues one message without blocking; false means the
+	// outbound queue is full (a slow consumer).
+	Deliver(m *schema.Message) bool
+	// Close asks the connection to close with a WebSocket close code
+	// (CloseLoggedOut, CloseReplaced, CloseSlowConsumer, CloseGoingAway). It
+	// must not block; it is called at most once.
+	Close(code int, reason string)
+}
+
+// Session delivers one user's inbox to one device connection. All its state
+// is owned by one goroutine; Ack and Close only signal it.
+type Session struct {
+	s       *Service
+	id      string
+	user    schema.UserID
+	device  schema.DeviceID
+	subject string // the user's INBOX subject
+	sink    Sink
+	ctx     context.Context // Run's context
+	done    chan struct{}
+	wake    chan struct{}
+	rev     atomic.Uint64 // revision of this session's presence write
+
+	mu          sync.Mutex
+	inq         []*nats.Msg // live messages from the dispatcher, bounded
+	inqBytes    int
+	overflow    bool // live messages were lost: re-read the stream
+	acks        []string
+	closing     bool
+	closeCode   int
+	closeReason string
+
+	// Owned by the session goroutine.
+	floor     uint64              // every seq <= floor is acked by the device
+	next      uint64              // highest seq handed to the sink (or skipped as acked)
+	acked     map[uint64]struct{} // acked seqs above floor
+	flight    []inflight          // delivered, unacked; ascending seq
+	behind    bool                // the stream may hold messages after next not yet sent
+	dirty     bool                // cursor changed since the last flush
+	forgotten bool                // the device's cursor was dropped (logout)
+	lastFlush time.Time
+	retryAt   time.Time // after a read error: when to read again
+	backoff   time.Duration
+	timer     *time.Timer
+	spareQ    []*nats.Msg
+	spareAcks []string
+}
+
+type inflight struct {
+	seq  uint64
+	id   string
+	sent time.Time
+}
+
+func newSession(s *Service, user schema.UserID, device schema.DeviceID, sink Sink) *Session {
+	return &Session{
+		s:       s,
+		id:      rand.Text(),
+		user:    user,
+		device:  device,
+		subject: schema.UserInbox(user),
+		sink:    sink,
+		done:    make(chan struct{}),
+		wake:    make(chan struct{}, 1),
+	}
+}
+
+// ID returns the session id (published in kicks, stored in presence).
+func (ss *Session) ID() string { return ss.id }
+
+// init loads the device cursor; catch-up starts after it.
+func (ss *Session) init(c deviceCursor) {
+	ss.floor, ss.next = c.Floor, c.Floor
+	for _, q := range c.Acked {
+		if q > c.Floor {
+			if ss.acked == nil {
+				ss.acked = make(map[uint64]struct{}, len(c.Acked))
+			}
+			ss.acked[q] = struct{}{}
+		}
+	}
+	ss.behind = true
+	ss.lastFlush = time.Now()
+}
+
+func (ss *Session) signal() {
+	select {
+	case ss.wake <- struct{}{}:
+	default:
+	}
+}
+
+// push queues a live message (called by the dispatcher; never blocks).
+func (ss *Session) push(m *nats.Msg) {
+	ss.mu.Lock()
+	switch {
+	case ss.closing:
+	case len(ss.inq) >= ss.s.queueMsgs || ss.inqBytes+len(m.Data) > ss.s.queueBytes:
+		ss.overflow = true
+	default:
+		ss.inq = append(ss.inq, m)
+		ss.inqBytes += len(m.Data)
+	}
+	ss.mu.Unlock()
+	ss.signal()
+}
+
+// markGap makes the session re-read the stream after its position.
+func (ss *Session) markGap() {
+	ss.mu.Lock()
+	ss.overflow = true
+	ss.mu.Unlock()
+	ss.signal()
+}
+
+// Ack records CLIENT_ACKs (message ids) from the device. Every in-flight
+// message with one of the ids is acked. It does not block.
+func (ss *Session) Ack(ids ...string) {
+	ss.mu.Lock()
+	if !ss.closing {
+		room := ss.s.maxAckPending - len(ss.acks)
+		if len(ids) > room {
+			ids = ids[:max(room, 0)] // the dropped ones are redelivered
+		}
+		ss.acks = append(ss.acks, ids...)
+	}
+	ss.mu.Unlock()
+	ss.signal()
+}
+
+// Close ends the session: it flushes the cursor, deregisters presence and
+// returns when that is done. It is idempotent. It must not be called from
+// within the Sink's methods.
+func (ss *Session) Close() {
+	ss.terminate(0, "")
+	<-ss.done
+}
+
+// terminate asks the session to end; code != 0 closes the sink with it.
+func (ss *Session) terminate(code int, reason string) {
+	ss.mu.Lock()
+	if !ss.closing {
+		ss.closing, ss.closeCode, ss.closeReason = true, code, reason
+	}
+	ss.mu.Unlock()
+	ss.signal()
+}
+
+func (ss *Session) run() {
+	defer ss.finish()
+	ss.timer = time.NewTimer(time.Hour)
+	ss.timer.Stop()
+	for ss.step() {
+		ss.arm()
+		select {
+		case <-ss.wake:
+		case <-ss.timer.C:
+		case <-ss.ctx.Done():
+			ss.terminate(CloseGoingAway, "server shutting down")
+		}
+	}
+}
+
+// step handles everything pending; false ends the session.
+func (ss *Session) step() bool {
+	ss.mu.Lock()
+	q, acks, over, closing := ss.inq, ss.acks, ss.overflow, ss.closing
+	ss.inq, ss.acks, ss.overflow, ss.inqBytes = ss.spareQ[:0], ss.spareAcks[:0], false, 0
+	ss.mu.Unlock()
+	defer func() {
+		clear(q)
+		clear(acks)
+		ss.spareQ, ss.spareAcks = q, acks
+	}()
+	if len(acks) > 0 {
+		ss.applyAcks(acks) // also when closing: the final flush records them
+	}
+	if closing {
+		return false
+	}
+	if over {
+		ss.behind = true
+	}
+	for _, m := range q {
+		if !ss.live(m) {
+			return false
+		}
+	}
+	now := time.Now()
+	if len(ss.flight) > 0 && !now.Before(ss.flight[ss.oldest()].sent.Add(ss.s.cfg.AckTimeout)) {
+		if !ss.redeliver(now) {
+			return false
+		}
+	}
+	if ss.behind && ss.refill() && !now.Before(ss.retryAt) {
+		if !ss.fill() {
+			return false
+		}
+	}
+	if ss.dirty && !now.Before(ss.lastFlush.Add(ss.s.cfg.CursorFlush)) {
+		ss.flush(ss.ctx)
+	}
+	return true
+}
+
+// refill reports whether the window has room enough for a stream read: it
+// is empty or at least half free, so a client acking one message at a time
+// does not cause one read per message.
+func (ss *Session) refill() bool {
+	room := ss.s.cfg.MaxInFlight - len(ss.flight)
+	return len(ss.flight) == 0 || (room > 0 && 2*room >= ss.s.cfg.MaxInFlight)
+}
+
+// arm sets the timer for the next redelivery, flush or read retry; with
+// nothing pending the timer stays off.
+func (ss *Session) arm() {
+	var due time.Time
+	earlier := func(t time.Time) {
+		if due.IsZero() || t.Before(due) {
+			due = t
+		}
+	}
+	if len(ss.flight) > 0 {
+		earlier(ss.flight[ss.oldest()].sent.Add(ss.s.cfg.AckTimeout))
+	}
+	if ss.dirty {
+		earlier(ss.lastFlush.Add(ss.s.cfg.CursorFlush))
+	}
+	if ss.behind && !ss.retryAt.IsZero() {
+		earlier(ss.retryAt)
+	}
+	if due.IsZero() {
+		ss.timer.Stop()
+		return
+	}
+	ss.timer.Reset(time.Until(due))
+}
+
+// oldest returns the index of the in-flight message sent longest ago.
+func (ss *Session) oldest() int {
+	j := 0
+	for i := 1; i < len(ss.flight); i++ {
+		if ss.flight[i].sent.Before(ss.flight[j].sent) {
+			j = i
+		}
+	}
+	return j
+}
+
+// live handles one message from the live subject.
+func (ss *Session) live(m *nats.Msg) bool {
+	seqHdr := m.Header.Get(schema.HeaderSequence)
+	if seqHdr == "" {
+		// Ephemeral: deliver, never track.
+		msg, err := schema.UnmarshalProto(m.Data)
+		if err != nil {
+			ss.s.log.Warn("undecodable ephemeral message", "user", ss.user, "err", err)
+			return true
+		}
+		if !ss.sink.Deliver(msg) {
+			ss.slowConsumer()
+			return false
+		}
+		return true
+	}
+	seq, err := strconv.ParseUint(seqHdr, 10, 64)
+	if err != nil {
+		ss.s.log.Warn("bad live sequence header", "user", ss.user, "err", err)
+		return true
+	}
+	last, _ := strconv.ParseUint(m.Header.Get(schema.HeaderLastSeq), 10, 64)
+	switch {
+	case seq <= ss.next: // already sent (or skipped)
+		return true
+	case ss.behind: // the stream read will reach it
+		return true
+	case last > ss.next: // a gap: read the missing range first
+		ss.behind = true
+		return true
+	case len(ss.flight) >= ss.s.cfg.MaxInFlight: // window full: read it later
+		ss.behind = true
+		return true
+	}
+	return ss.send(seq, m.Data)
+}
+
+// send hands the stored message seq to the sink and tracks it.
+func (ss *Session) send(seq uint64, data []byte) bool {
+	if _, ok := ss.acked[seq]; ok {
+		ss.next = seq
+		return true
+	}
+	msg, err := schema.UnmarshalProto(data)
+	if err != nil {
+		// Poison: it will never decode. Count it as acked so it does not
+		// hold the floor (and the inbox) forever.
+		ss.s.log.Error("undecodable inbox message skipped", "user", ss.user, "seq", seq, "err", err)
+		ss.next = seq
+		ss.markAcked(seq)
+		ss.advance()
+		return true
+	}
+	if !ss.sink.Deliver(msg) {
+		ss.slowConsumer()
+		return false
+	}
+	ss.next = seq
+	ss.flight = append(ss.flight, inflight{seq: seq, id: msg.ID, sent: time.Now()})
+	return true
+}
+
+func (ss *Session) slowConsumer() {
+	ss.s.log.Info("slow consumer", "user", ss.user, "device", ss.device, "conn_id", ss.id)
+	ss.terminate(CloseSlowConsumer, "slow consumer")
+}
+
+// fill reads the stream after next into the window until the window is full
+// or the stream has no more.
+func (ss *Session) fill() bool {
+	dead, full := false, false
+	room := ss.s.cfg.MaxInFlight - len(ss.flight)
+	end, err := ss.s.scan(ss.ctx, ss.subject, ss.next+1, min(room, 256), func(m *jetstream.RawStreamMsg) bool {
+		if m.Sequence <= ss.next {
+			return true
+		}
+		if len(ss.flight) >= ss.s.cfg.MaxInFlight {
+			full = true
+			return false
+		}
+		if !ss.send(m.Sequence, m.Data) {
+			dead = true
+			return false
+		}
+		return true
+	})
+	if dead {
+		return false
+	}
+	if err != nil {
+		if ss.ctx.Err() == nil {
+			ss.backoff = min(max(2*ss.backoff, 100*time.Millisecond), 5*time.Second)
+			ss.retryAt = time.Now().Add(ss.backoff)
+			ss.s.log.Warn("inbox read", "user", ss.user, "device", ss.device, "err", err)
+		}
+		return true
+	}
+	ss.backoff, ss.retryAt = 0, time.Time{}
+	if end && !full {
+		ss.behind = false
+	}
+	ss.advance() // skipped (already acked) messages may move the floor
+	return true
+}
+
+// redeliver sends again every in-flight message sent at least AckTimeout
+// ago, in order, reading it from the stream.
+func (ss *Session) redeliver(now time.Time) bool {
+	cut := now.Add(-ss.s.cfg.AckTimeout)
+	var due []uint64
+	for i := range ss.flight {
+		if !ss.flight[i].sent.After(cut) {
+			due = append(due, ss.flight[i].seq)
+			ss.flight[i].sent = now // at most once per AckTimeout, even if the read fails
+		}
+	}
+	if len(due) == 0 {
+		return true
+	}
+	last := due[len(due)-1]
+	seen := make(map[uint64]bool, len(due))
+	dead := false
+	_, err := ss.s.scan(ss.ctx, ss.subject, due[0], min(len(ss.flight)+len(ss.acked), 256), func(m *jetstream.RawStreamMsg) bool {
+		if m.Sequence > last {
+			return false
+		}
+		if _, ok := slices.BinarySearch(due, m.Sequence); !ok {
+			return true
+		}
+		seen[m.Sequence] = true
+		msg, err := schema.UnmarshalProto(m.Data)
+		if err != nil {
+			return true // cannot happen: it decoded when first sent
+		}
+		if !ss.sink.Deliver(msg) {
+			dead = true
+			return false
+		}
+		return true
+	})
+	if dead {
+		ss.slowConsumer()
+		return false
+	}
+	if err != nil {
+		if ss.ctx.Err() == nil {
+			ss.s.log.Warn("inbox read for redelivery", "user", ss.user, "device", ss.device, "err", err)
+		}
+		return true
+	}
+	// Due messages no longer in the stream expired (MaxAge): nothing left to
+	// deliver, so they count as acked.
+	gone := false
+	for _, q := range due {
+		if !seen[q] {
+			ss.markAcked(q)
+			gone = true
+		}
+	}
+	if gone {
+		ss.advance()
+	}
+	return true
+}
+
+// applyAcks acks every in-flight message whose id is in ids.
+func (ss *Session) applyAcks(ids []string) {
+	n := 0
+	for _, id := range ids {
+		for i := 0; i < len(ss.flight); {
+			if ss.flight[i].id == id {
+				ss.markAcked(ss.flight[i].seq)
+				n++
+				continue // markAcked removed flight[i]
+			}
+			i++
+		}
+	}
+	if n > 0 {
+		ss.advance()
+	}
+}
+
+// markAcked records seq as acked and drops it from the window.
+func (ss *Session) markAcked(seq uint64) {
+	if i, ok := slices.BinarySearchFunc(ss.flight, seq, func(f inflight, q uint64) int {
+		return cmp.Compare(f.seq, q)
+	}); ok {
+		ss.flight = slices.Delete(ss.flight, i, i+1)
+	}
+	if seq > ss.floor {
+		if ss.acked == nil {
+			ss.acked = make(map[uint64]struct{})
+		}
+		ss.acked[seq] = struct{}{}
+	}
+	ss.dirty = true
+}
+
+// advance moves the floor over everything acked: up to just below the
+// oldest in-flight message, or to next when nothing is in flight.
+func (ss *Session) advance() {
+	f := ss.next
+	if len(ss.flight) > 0 {
+		f = ss.flight[0].seq - 1
+	}
+	if f <= ss.floor {
+		return
+	}
+	ss.setFloor(f)
+	ss.dirty = true
+}
+
+func (ss *Session) setFloor(f uint64) {
+	ss.floor = f
+	for q := range ss.acked {
+		if q <= f {
+			delete(ss.acked, q)
+		}
+	}
+}
+
+// cursor returns the session's position as a deviceCursor.
+func (ss *Session) cursor() *deviceCursor {
+	c := &deviceCursor{Floor: ss.floor}
+	if len(ss.acked) > 0 {
+		c.Acked = make([]uint64, 0, len(ss.acked))
+		for q := range ss.acked {
+			c.Acked = append(c.Acked, q)
+		}
+		slices.Sort(c.Acked)
+	}
+	return c
+}
+
+// flush writes the cursor, merging what other writers (a REST ack, an
+// overlapping session on another node) recorded, then purges what every
+// device has acked.
+func (ss *Session) flush(ctx context.Context) {
+	ss.lastFlush = time.Now()
+	if ss.forgotten {
+		ss.dirty = false
+		return
+	}
+	a, err := ss.s.getAssets()
+	if err != nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(ctx, ss.s.opTimeout)
+	defer cancel()
+	mine := ss.cursor()
+	var merged *deviceCursor
+	doc, err := ss.s.updateCursor(ctx, a, ss.user, func(d *cursorDoc) bool {
+		c := d.Devices[string(ss.device)]
+		if c == nil {
+			merged = nil
+			return false // forgotten: do not bring it back
+		}
+		c.merge(mine)
+		merged = &deviceCursor{Floor: c.Floor, Acked: slices.Clone(c.Acked)}
+		return true
+	})
+	if err != nil {
+		ss.s.log.Warn("cursor flush", "user", ss.user, "device", ss.device, "err", err)
+		return
+	}
+	ss.dirty = false
+	if merged == nil {
+		ss.forgotten = true
+		return
+	}
+	ss.adopt(merged)
+	if err := ss.s.maybePurge(ctx, a, ss.user, doc); err != nil {
+		ss.s.log.Warn("inbox purge", "user", ss.user, "err", err)
+	}
+}
+
+// adopt applies acks recorded by others to the session.
+func (ss *Session) adopt(c *deviceCursor) {
+	for i := 0; i < len(ss.flight); {
+		q := ss.flight[i].seq
+		if _, ok := slices.BinarySearch(c.Acked, q); ok || q <= c.Floor {
+			ss.flight = slices.Delete(ss.flight, i, i+1)
+			continue
+		}
+		i++
+	}
+	for _, q := range c.Acked {
+		if q > ss.floor {
+			if ss.acked == nil {
+				ss.acked = make(map[uint64]struct{})
+			}
+			ss.acked[q] = struct{}{}
+		}
+	}
+	if c.Floor > ss.next {
+		ss.next = c.Floor
+	}
+	if c.Floor > ss.floor {
+		ss.setFloor(c.Floor)
+	}
+	ss.advance()
+}
+
+// finish runs when the session goroutine ends: close the sink if asked,
+// flush the cursor, deregister.
+func (ss *Session) finish() {
+	ss.mu.Lock()
+	ss.closing = true
+	code, reason := ss.closeCode, ss.closeReason
+	acks := ss.acks
+	ss.inq, ss.acks = nil, nil
+	ss.mu.Unlock()
+	if len(acks) > 0 {
+		ss.applyAcks(acks) // arrived while the last step ran
+	}
+	if code != 0 {
+		ss.sink.Close(code, reason)
+	}
+	if ss.timer != nil {
+		ss.timer.Stop()
+	}
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ss.ctx), ss.s.closeTimeout)
+	defer cancel()
+	if ss.dirty {
+		ss.flush(ctx)
+	}
+	if a, err := ss.s.getAssets(); err == nil {
+		if err := ss.s.presenceRemove(ctx, a, ss); err != nil {
+			ss.s.log.Warn("presence", "user", ss.user, "device", ss.device, "err", err)
+		}
+	}
+	ss.s.unregister(ss)
+	close(ss.done)
+	ss.s.wg.Done()
+}
