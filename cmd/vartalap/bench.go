@@ -1,0 +1,850 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/gorilla/websocket"
+)
+
+// benchConfig is what `vartalap bench` is told.
+type benchConfig struct {
+	Scenario      string
+	URL           string
+	Users         int
+	Duration      time.Duration
+	Rate          int
+	Window        int
+	Size          int
+	GroupSize     int
+	Senders       int
+	Backlog       int
+	Conversations int
+	Procs         int
+	JSON          bool
+	ServerPID     int
+	Prefix        string
+	Concurrency   int
+	workerIndex   int
+	workers       int
+}
+
+// benchResult is one run's figures; results of worker processes are merged.
+type benchResult struct {
+	Scenario       string   `json:"scenario"`
+	Users          int      `json:"users"`
+	Seconds        float64  `json:"seconds"`
+	Connected      int64    `json:"connected"`
+	ConnectFailed  int64    `json:"connect_failed"`
+	ConnectSeconds float64  `json:"connect_seconds"`
+	Drops          int64    `json:"drops"`
+	Sent           int64    `json:"sent"`
+	ServerAcked    int64    `json:"server_acked"`
+	Delivered      int64    `json:"delivered"`
+	Duplicates     int64    `json:"duplicates"`
+	Lost           int64    `json:"lost"`
+	Errors         int64    `json:"errors"`
+	AckLatency     *hist    `json:"ack_latency"`
+	E2ELatency     *hist    `json:"e2e_latency"`
+	CatchUpSeconds float64  `json:"catch_up_seconds"`
+	RSSBeforeKiB   int64    `json:"rss_before_kib,omitempty"`
+	RSSAfterKiB    int64    `json:"rss_after_kib,omitempty"`
+	ErrorSamples   []string `json:"error_samples,omitempty"`
+}
+
+func newResult(c *benchConfig) *benchResult {
+	return &benchResult{Scenario: c.Scenario, AckLatency: newHist(), E2ELatency: newHist()}
+}
+
+func (r *benchResult) merge(o *benchResult) {
+	r.Users += o.Users
+	r.Seconds = max(r.Seconds, o.Seconds)
+	r.Connected += o.Connected
+	r.ConnectFailed += o.ConnectFailed
+	r.ConnectSeconds = max(r.ConnectSeconds, o.ConnectSeconds)
+	r.Drops += o.Drops
+	r.Sent += o.Sent
+	r.ServerAcked += o.ServerAcked
+	r.Delivered += o.Delivered
+	r.Duplicates += o.Duplicates
+	r.Lost += o.Lost
+	r.Errors += o.Errors
+	r.AckLatency.merge(o.AckLatency)
+	r.E2ELatency.merge(o.E2ELatency)
+	r.CatchUpSeconds = max(r.CatchUpSeconds, o.CatchUpSeconds)
+	r.RSSAfterKiB = max(r.RSSAfterKiB, o.RSSAfterKiB)
+	if len(r.ErrorSamples) < 5 {
+		r.ErrorSamples = append(r.ErrorSamples, o.ErrorSamples...)
+	}
+}
+
+const benchUsage = `usage: vartalap bench <scenario> [flags]
+
+Drives a running server over real HTTP and WebSockets (dev auth) and measures.
+Scenarios:
+  connect    N idle authenticated sessions held for --duration
+  direct     1:1 messages between pairs at --rate msgs/s (0 = flat out)
+  group      groups of --group-size with --senders senders each
+  sync       a user with a backlog of --backlog messages from --conversations senders connects
+  reconnect  N sessions drop at once and reconnect; each has one pending message
+`
+
+func parseBench(args []string, stderr io.Writer) (*benchConfig, error) {
+	if len(args) == 0 || strings.HasPrefix(args[0], "-") {
+		fmt.Fprint(stderr, benchUsage)
+		return nil, errUsage
+	}
+	c := &benchConfig{Scenario: args[0]}
+	switch c.Scenario {
+	case "connect", "direct", "group", "sync", "reconnect":
+	default:
+		fmt.Fprint(stderr, benchUsage)
+		return nil, fmt.Errorf("unknown scenario %q", c.Scenario)
+	}
+	fs := flag.NewFlagSet("bench "+c.Scenario, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.StringVar(&c.URL, "url", "http://127.0.0.1:8080", "server base URL (loopback only)")
+	fs.IntVar(&c.Users, "users", 1000, "simulated users (sessions)")
+	fs.DurationVar(&c.Duration, "duration", 10*time.Second, "how long to send (or hold connections); at most 30m")
+	fs.IntVar(&c.Rate, "rate", 0, "messages per second in total (0: flat out, --window in flight per sender)")
+	fs.IntVar(&c.Window, "window", 8, "unacknowledged messages per sender when flat out")
+	fs.IntVar(&c.Size, "size", 100, "message body bytes")
+	fs.IntVar(&c.GroupSize, "group-size", 1000, "members per group (group)")
+	fs.IntVar(&c.Senders, "senders", 10, "senders per group (group)")
+	fs.IntVar(&c.Backlog, "backlog", 1000, "pending messages (sync)")
+	fs.IntVar(&c.Conversations, "conversations", 50, "senders of the backlog (sync)")
+	fs.IntVar(&c.Procs, "procs", 1, "worker processes to spread sessions over (20,000 open files per process here)")
+	fs.BoolVar(&c.JSON, "json", false, "print the result as JSON")
+	fs.IntVar(&c.ServerPID, "server-pid", 0, "server process id, to report its memory from /proc")
+	fs.StringVar(&c.Prefix, "prefix", "", "username prefix (default: unique per run)")
+	fs.IntVar(&c.Concurrency, "concurrency", 100, "parallel logins and connects")
+	fs.IntVar(&c.workerIndex, "worker-index", 0, "internal: this worker's index")
+	fs.IntVar(&c.workers, "workers", 0, "internal: number of workers (0: this is the parent)")
+	if err := fs.Parse(args[1:]); err != nil {
+		return nil, err
+	}
+	u, err := url.Parse(c.URL)
+	if err != nil {
+		return nil, fmt.Errorf("--url: %w", err)
+	}
+	if ip := net.ParseIP(u.Hostname()); u.Hostname() != "localhost" && (ip == nil || !ip.IsLoopback()) {
+		return nil, fmt.Errorf("--url %s: the load tool only targets loopback addresses", c.URL)
+	}
+	if c.Duration <= 0 || c.Duration > 30*time.Minute {
+		return nil, errors.New("--duration must be between 0 and 30m")
+	}
+	if c.Users < 2 || c.Users > 200000 || c.Procs < 1 || c.Procs > 32 {
+		return nil, errors.New("--users must be 2..200000 and --procs 1..32")
+	}
+	if c.Prefix == "" {
+		c.Prefix = "b" + strconv.FormatInt(time.Now().UnixMilli()%1e9, 36)
+	}
+	return c, nil
+}
+
+// bench runs `vartalap bench`.
+func bench(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	c, err := parseBench(args, stderr)
+	if err != nil {
+		return err
+	}
+	if c.workers > 0 { // a worker: run our share, print JSON
+		r, err := runScenario(ctx, c, stderr)
+		if err != nil {
+			return err
+		}
+		return json.NewEncoder(stdout).Encode(r)
+	}
+	before := rssKiB(c.ServerPID)
+	var res *benchResult
+	if c.Procs == 1 {
+		c.workers, c.workerIndex = 1, 0
+		res, err = runScenario(ctx, c, stderr)
+	} else {
+		res, err = runWorkers(ctx, c, args, stderr)
+	}
+	if err != nil {
+		return err
+	}
+	res.RSSBeforeKiB = before
+	if res.RSSAfterKiB == 0 {
+		res.RSSAfterKiB = rssKiB(c.ServerPID)
+	}
+	if c.JSON {
+		return json.NewEncoder(stdout).Encode(res)
+	}
+	printResult(stdout, res)
+	return nil
+}
+
+// runWorkers re-executes this binary as --procs workers and merges their results.
+func runWorkers(ctx context.Context, c *benchConfig, args []string, stderr io.Writer) (*benchResult, error) {
+	self, err := os.Executable()
+	if err != nil {
+		return nil, err
+	}
+	res := newResult(c)
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	errs := make(chan error, c.Procs)
+	for i := range c.Procs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			wargs := append([]string{"bench"}, args...)
+			wargs = append(wargs, "--prefix", c.Prefix, "--worker-index", strconv.Itoa(i), "--workers", strconv.Itoa(c.Procs))
+			cmd := exec.CommandContext(ctx, self, wargs...)
+			var out bytes.Buffer
+			cmd.Stdout, cmd.Stderr = &out, stderr
+			if err := cmd.Run(); err != nil {
+				errs <- fmt.Errorf("worker %d: %w", i, err)
+				return
+			}
+			var r benchResult
+			if err := json.Unmarshal(out.Bytes(), &r); err != nil {
+				errs <- fmt.Errorf("worker %d output: %w", i, err)
+				return
+			}
+			mu.Lock()
+			res.merge(&r)
+			mu.Unlock()
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	if err := <-errs; err != nil {
+		return nil, err
+	}
+	return res, nil
+}
+
+func runScenario(ctx context.Context, c *benchConfig, stderr io.Writer) (*benchResult, error) {
+	b := &bencher{c: c, res: newResult(c), log: stderr, http: &http.Client{
+		Timeout:   30 * time.Second,
+		Transport: &http.Transport{MaxIdleConnsPerHost: c.Concurrency, MaxConnsPerHost: c.Concurrency},
+	}}
+	lo, hi := share(c.Users, c.workerIndex, c.workers)
+	b.res.Users = hi - lo
+	start := time.Now()
+	var err error
+	switch c.Scenario {
+	case "connect":
+		err = b.connect(ctx, lo, hi)
+	case "direct":
+		err = b.direct(ctx, lo, hi)
+	case "group":
+		err = b.group(ctx, lo, hi)
+	case "sync":
+		err = b.sync(ctx)
+	case "reconnect":
+		err = b.reconnect(ctx, lo, hi)
+	}
+	b.res.Seconds = time.Since(start).Seconds()
+	return b.res, err
+}
+
+// share splits n users into equal even-sized ranges.
+func share(n, i, of int) (lo, hi int) {
+	per := n / of
+	per -= per % 2
+	lo = i * per
+	hi = lo + per
+	if i == of-1 {
+		hi = n - n%2
+	}
+	return lo, hi
+}
+
+type bencher struct {
+	c    *benchConfig
+	res  *benchResult
+	log  io.Writer
+	http *http.Client
+	mu   sync.Mutex
+}
+
+func (b *bencher) userName(i int) string { return fmt.Sprintf("%su%d", b.c.Prefix, i) }
+
+func (b *bencher) fail(err error) {
+	atomic.AddInt64(&b.res.Errors, 1)
+	b.mu.Lock()
+	if len(b.res.ErrorSamples) < 5 {
+		b.res.ErrorSamples = append(b.res.ErrorSamples, err.Error())
+	}
+	b.mu.Unlock()
+}
+
+func (b *bencher) progress(format string, args ...any) {
+	fmt.Fprintf(b.log, "[bench %d/%d] %s\n", b.c.workerIndex+1, max(b.c.workers, 1), fmt.Sprintf(format, args...))
+}
+
+// login logs a user in with the dev provider.
+func (b *bencher) login(ctx context.Context, user string) (string, error) {
+	body, _ := json.Marshal(map[string]string{"username": user, "authToken": "bench", "deviceId": "bench"})
+	req, _ := http.NewRequestWithContext(ctx, "POST", b.c.URL+"/v1.0/login", bytes.NewReader(body))
+	resp, err := b.http.Do(req)
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	var lr loginAnswer
+	if err := json.NewDecoder(resp.Body).Decode(&lr); err != nil || resp.StatusCode != 200 {
+		return "", fmt.Errorf("login %s: status %d", user, resp.StatusCode)
+	}
+	return lr.AccessKey, nil
+}
+
+type loginAnswer struct {
+	AccessKey string `json:"accesskey"`
+}
+
+// session is one simulated client socket.
+type session struct {
+	user, key string
+	conn      *websocket.Conn
+	wmu       sync.Mutex
+	done      chan struct{}
+	sentAt    sync.Map // id → time.Time (SERVER_ACK latency)
+	seen      map[string]bool
+	acks      chan struct{} // one token per SERVER_ACK (flat-out window)
+	closing   atomic.Bool
+}
+
+// inFrame is what the load tool reads from the server's JSON frames.
+type inFrame struct {
+	ID   string `json:"id"`
+	Head struct {
+		Type        string `json:"type"`
+		From        string `json:"from"`
+		ContentType string `json:"contentType"`
+		Action      string `json:"action"`
+	} `json:"head"`
+	Body struct {
+		T int64 `json:"t"`
+	} `json:"body"`
+}
+
+// open connects s and starts its reader, which acks every delivered message.
+func (b *bencher) open(ctx context.Context, s *session) error {
+	h := http.Header{}
+	h.Set("user", s.user)
+	h.Set("accesskey", s.key)
+	u := "ws" + strings.TrimPrefix(b.c.URL, "http") + "/wss/?format=text&ack=true"
+	d := websocket.Dialer{HandshakeTimeout: 30 * time.Second, ReadBufferSize: 1024, WriteBufferSize: 1024}
+	conn, _, err := d.DialContext(ctx, u, h)
+	if err != nil {
+		return err
+	}
+	s.conn, s.done = conn, make(chan struct{})
+	if s.seen == nil {
+		s.seen = map[string]bool{}
+	}
+	go func() {
+		defer close(s.done)
+		for {
+			_, data, err := conn.ReadMessage()
+			if err != nil {
+				if !s.closing.Load() {
+					atomic.AddInt64(&b.res.Drops, 1)
+				}
+				return
+			}
+			if len(data) == 4 && string(data) == "pong" {
+				continue
+			}
+			var f inFrame
+			if err := json.Unmarshal(data, &f); err != nil {
+				b.fail(fmt.Errorf("bad frame: %v", err))
+				continue
+			}
+			now := time.Now()
+			switch {
+			case f.Head.ContentType == "SERVER_ACK":
+				atomic.AddInt64(&b.res.ServerAcked, 1)
+				if v, ok := s.sentAt.LoadAndDelete(f.ID); ok {
+					b.mu.Lock()
+					b.res.AckLatency.add(now.Sub(v.(time.Time)))
+					b.mu.Unlock()
+				}
+				if s.acks != nil {
+					select {
+					case s.acks <- struct{}{}:
+					default:
+					}
+				}
+			case f.Head.Action == "error":
+				b.fail(fmt.Errorf("error frame for %s: %s", f.ID, data))
+				s.ack(f.ID)
+			default:
+				if s.seen[f.ID] {
+					atomic.AddInt64(&b.res.Duplicates, 1)
+				} else {
+					s.seen[f.ID] = true
+					atomic.AddInt64(&b.res.Delivered, 1)
+					if f.Body.T > 0 {
+						b.mu.Lock()
+						b.res.E2ELatency.add(now.Sub(time.Unix(0, f.Body.T)))
+						b.mu.Unlock()
+					}
+				}
+				s.ack(f.ID)
+			}
+		}
+	}()
+	return nil
+}
+
+func (s *session) write(data []byte) error {
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
+	_ = s.conn.SetWriteDeadline(time.Now().Add(10 * time.Second))
+	return s.conn.WriteMessage(websocket.TextMessage, data)
+}
+
+func (s *session) ack(id string) {
+	_ = s.write([]byte(`{"_v":2.1,"id":` + strconv.Quote(id) + `,"head":{"type":"INDIVIDUAL","to":"server","contentType":"CLIENT_ACK"},"body":{}}`))
+}
+
+func (s *session) close() {
+	if s.conn == nil {
+		return
+	}
+	s.closing.Store(true)
+	_ = s.conn.Close()
+	<-s.done
+}
+
+// send sends one message and records its send time.
+func (b *bencher) send(s *session, id, to, channel string) error {
+	now := time.Now()
+	s.sentAt.Store(id, now)
+	pad := strings.Repeat("x", max(b.c.Size-30, 0))
+	msg := `{"_v":2.1,"id":` + strconv.Quote(id) + `,"head":{"type":"` + channel + `","to":` + strconv.Quote(to) +
+		`,"contentType":"text","action":"message"},"body":{"t":` + strconv.FormatInt(now.UnixNano(), 10) + `,"text":"` + pad + `"}}`
+	if err := s.write([]byte(msg)); err != nil {
+		s.sentAt.Delete(id)
+		return err
+	}
+	atomic.AddInt64(&b.res.Sent, 1)
+	return nil
+}
+
+// sessions logs in and connects users [lo, hi) with bounded concurrency.
+func (b *bencher) sessions(ctx context.Context, lo, hi int) []*session {
+	out := make([]*session, hi-lo)
+	sem := make(chan struct{}, b.c.Concurrency)
+	var wg sync.WaitGroup
+	start := time.Now()
+	var done atomic.Int64
+	for i := lo; i < hi; i++ {
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			s := &session{user: b.userName(i)}
+			var err error
+			if s.key, err = b.login(ctx, s.user); err == nil {
+				err = b.open(ctx, s)
+			}
+			if err != nil {
+				atomic.AddInt64(&b.res.ConnectFailed, 1)
+				b.fail(err)
+				return
+			}
+			atomic.AddInt64(&b.res.Connected, 1)
+			out[i-lo] = s
+			if n := done.Add(1); n%1000 == 0 {
+				b.progress("%d sessions connected", n)
+			}
+		}()
+	}
+	wg.Wait()
+	b.res.ConnectSeconds = time.Since(start).Seconds()
+	b.progress("%d connected, %d failed in %.1fs", b.res.Connected, b.res.ConnectFailed, b.res.ConnectSeconds)
+	return out
+}
+
+func closeAll(ss []*session) {
+	for _, s := range ss {
+		if s != nil {
+			s.close()
+		}
+	}
+}
+
+func (b *bencher) connect(ctx context.Context, lo, hi int) error {
+	ss := b.sessions(ctx, lo, hi)
+	defer closeAll(ss)
+	deadline := time.After(b.c.Duration)
+	tick := time.NewTicker(10 * time.Second)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-deadline:
+			b.res.RSSAfterKiB = rssKiB(b.c.ServerPID) // while every session is still open
+			return nil
+		case <-tick.C:
+			b.progress("holding %d sessions, %d drops", b.res.Connected, atomic.LoadInt64(&b.res.Drops))
+		}
+	}
+}
+
+// pump sends from s to `to` until stop, at rate per second (0: window in flight).
+func (b *bencher) pump(ctx context.Context, s *session, to, channel string, perSec float64, stop <-chan struct{}) {
+	n := 0
+	if perSec > 0 {
+		t := time.NewTicker(time.Duration(float64(time.Second) / perSec))
+		defer t.Stop()
+		time.Sleep(time.Duration(rand.Int64N(int64(time.Second / time.Duration(max(perSec, 1))))))
+		for {
+			select {
+			case <-stop:
+				return
+			case <-ctx.Done():
+				return
+			case <-t.C:
+				if err := b.send(s, fmt.Sprintf("%s-%d", s.user, n), to, channel); err != nil {
+					b.fail(err)
+					return
+				}
+				n++
+			}
+		}
+	}
+	s.acks = make(chan struct{}, b.c.Window)
+	for range b.c.Window {
+		s.acks <- struct{}{}
+	}
+	for {
+		select {
+		case <-stop:
+			return
+		case <-ctx.Done():
+			return
+		case <-s.acks:
+			if err := b.send(s, fmt.Sprintf("%s-%d", s.user, n), to, channel); err != nil {
+				b.fail(err)
+				return
+			}
+			n++
+		case <-time.After(10 * time.Second):
+			b.fail(fmt.Errorf("%s: no SERVER_ACK for 10s", s.user))
+			return
+		}
+	}
+}
+
+// drain waits until every server-acked message is delivered (or 15s pass)
+// and records the difference as lost.
+func (b *bencher) drain(expectPerAck int64) {
+	deadline := time.Now().Add(15 * time.Second)
+	for time.Now().Before(deadline) {
+		if atomic.LoadInt64(&b.res.Delivered) >= atomic.LoadInt64(&b.res.ServerAcked)*expectPerAck {
+			return
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	b.res.Lost = atomic.LoadInt64(&b.res.ServerAcked)*expectPerAck - atomic.LoadInt64(&b.res.Delivered)
+}
+
+func (b *bencher) direct(ctx context.Context, lo, hi int) error {
+	ss := b.sessions(ctx, lo, hi)
+	defer closeAll(ss)
+	rand.Shuffle(len(ss), func(i, j int) { ss[i], ss[j] = ss[j], ss[i] })
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	pairs := len(ss) / 2
+	perSec := 0.0
+	if b.c.Rate > 0 {
+		perSec = float64(b.c.Rate) / float64(max(b.c.workers, 1)) / float64(pairs)
+	}
+	for p := range pairs {
+		from, to := ss[2*p], ss[2*p+1]
+		if from == nil || to == nil {
+			continue
+		}
+		wg.Add(1)
+		go func() { defer wg.Done(); b.pump(ctx, from, to.user, "INDIVIDUAL", perSec, stop) }()
+	}
+	b.report(ctx, stop)
+	wg.Wait()
+	b.drain(1)
+	return nil
+}
+
+// report prints progress every second until --duration ends, then closes stop.
+func (b *bencher) report(ctx context.Context, stop chan struct{}) {
+	end := time.After(b.c.Duration)
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	var last int64
+	for {
+		select {
+		case <-ctx.Done():
+			close(stop)
+			return
+		case <-end:
+			close(stop)
+			return
+		case <-t.C:
+			d := atomic.LoadInt64(&b.res.Delivered)
+			b.progress("sent %d, acked %d, delivered %d (%d/s)", atomic.LoadInt64(&b.res.Sent), atomic.LoadInt64(&b.res.ServerAcked), d, d-last)
+			last = d
+		}
+	}
+}
+
+func (b *bencher) group(ctx context.Context, lo, hi int) error {
+	ss := b.sessions(ctx, lo, hi)
+	defer closeAll(ss)
+	g := min(b.c.GroupSize, len(ss))
+	var wg sync.WaitGroup
+	stop := make(chan struct{})
+	for start := 0; start+g <= len(ss); start += g {
+		members := ss[start : start+g]
+		names := make([]string, 0, g)
+		for _, m := range members {
+			if m != nil {
+				names = append(names, m.user)
+			}
+		}
+		gid, err := b.createGroup(ctx, members[0], names)
+		if err != nil {
+			return err
+		}
+		senders := members[:min(b.c.Senders, len(members))]
+		perSec := 0.0
+		if b.c.Rate > 0 {
+			perSec = float64(b.c.Rate) / float64(max(b.c.workers, 1)) / float64(len(senders)) / float64(len(ss)/g)
+		}
+		for _, s := range senders {
+			wg.Add(1)
+			go func() { defer wg.Done(); b.pump(ctx, s, gid, "GROUP", perSec, stop) }()
+		}
+	}
+	time.Sleep(time.Second) // let group-creation events arrive before counting
+	atomic.StoreInt64(&b.res.Delivered, 0)
+	b.report(ctx, stop)
+	wg.Wait()
+	b.drain(int64(g - 1))
+	return nil
+}
+
+func (b *bencher) createGroup(ctx context.Context, owner *session, members []string) (string, error) {
+	body, _ := json.Marshal(map[string]any{"name": "bench", "members": members})
+	req, _ := http.NewRequestWithContext(ctx, "POST", b.c.URL+"/v1.0/groups/", bytes.NewReader(body))
+	req.Header.Set("user", owner.user)
+	req.Header.Set("accesskey", owner.key)
+	resp, err := b.http.Do(req)
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	var gr struct {
+		GroupID string `json:"groupId"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&gr); err != nil || gr.GroupID == "" {
+		return "", fmt.Errorf("create group: status %d", resp.StatusCode)
+	}
+	return gr.GroupID, nil
+}
+
+// restSend posts messages (JSON strings) as `from` in batches of 100.
+func (b *bencher) restSend(ctx context.Context, from *session, msgs []string) error {
+	for len(msgs) > 0 {
+		n := min(100, len(msgs))
+		body, _ := json.Marshal(msgs[:n])
+		req, _ := http.NewRequestWithContext(ctx, "POST", b.c.URL+"/v1.0/messages?ack=true", bytes.NewReader(body))
+		req.Header.Set("user", from.user)
+		req.Header.Set("accesskey", from.key)
+		resp, err := b.http.Do(req)
+		if err != nil {
+			return err
+		}
+		var ar struct {
+			Acks []string `json:"acks"`
+		}
+		_ = json.NewDecoder(resp.Body).Decode(&ar)
+		resp.Body.Close()
+		if resp.StatusCode != 201 {
+			return fmt.Errorf("POST /messages: status %d", resp.StatusCode)
+		}
+		atomic.AddInt64(&b.res.Sent, int64(n))
+		atomic.AddInt64(&b.res.ServerAcked, int64(len(ar.Acks)))
+		msgs = msgs[n:]
+	}
+	return nil
+}
+
+func restMsg(id, to string) string {
+	return `{"_v":2.1,"id":` + strconv.Quote(id) + `,"head":{"type":"INDIVIDUAL","to":` + strconv.Quote(to) + `,"contentType":"text"},"body":{"text":"backlog"}}`
+}
+
+// waitDelivered waits until n messages were delivered or timeout passes.
+func (b *bencher) waitDelivered(n int64, timeout time.Duration) bool {
+	deadline := time.Now().Add(timeout)
+	for atomic.LoadInt64(&b.res.Delivered) < n {
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(time.Millisecond)
+	}
+	return true
+}
+
+func (b *bencher) sync(ctx context.Context) error {
+	target := &session{user: b.userName(0)}
+	var err error
+	if target.key, err = b.login(ctx, target.user); err != nil {
+		return err
+	}
+	per := max(b.c.Backlog/max(b.c.Conversations, 1), 1)
+	for c := range b.c.Conversations {
+		from := &session{user: b.userName(c + 1)}
+		if from.key, err = b.login(ctx, from.user); err != nil {
+			return err
+		}
+		msgs := make([]string, per)
+		for i := range msgs {
+			msgs[i] = restMsg(fmt.Sprintf("%s-%d", from.user, i), target.user)
+		}
+		if err := b.restSend(ctx, from, msgs); err != nil {
+			return err
+		}
+	}
+	b.progress("backlog of %d sent; letting the router store it", b.res.ServerAcked)
+	time.Sleep(2 * time.Second)
+	start := time.Now()
+	if err := b.open(ctx, target); err != nil {
+		return err
+	}
+	defer target.close()
+	if !b.waitDelivered(b.res.ServerAcked, 60*time.Second) {
+		b.res.Lost = b.res.ServerAcked - atomic.LoadInt64(&b.res.Delivered)
+	}
+	b.res.CatchUpSeconds = time.Since(start).Seconds()
+	return nil
+}
+
+func (b *bencher) reconnect(ctx context.Context, lo, hi int) error {
+	ss := b.sessions(ctx, lo, hi)
+	defer closeAll(ss)
+	src := &session{user: b.userName(hi) + "src"}
+	var err error
+	if src.key, err = b.login(ctx, src.user); err != nil {
+		return err
+	}
+	b.progress("dropping %d sessions at once", len(ss))
+	for _, s := range ss {
+		if s != nil {
+			s.close()
+			s.closing.Store(false)
+		}
+	}
+	var msgs []string
+	for _, s := range ss {
+		if s != nil {
+			msgs = append(msgs, restMsg(s.user+"-pending", s.user))
+		}
+	}
+	if err := b.restSend(ctx, src, msgs); err != nil {
+		return err
+	}
+	time.Sleep(time.Second)
+	start := time.Now()
+	sem := make(chan struct{}, b.c.Concurrency)
+	var wg sync.WaitGroup
+	for _, s := range ss {
+		if s == nil {
+			continue
+		}
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			if err := b.open(ctx, s); err != nil {
+				b.fail(err)
+			}
+		}()
+	}
+	wg.Wait()
+	if !b.waitDelivered(int64(len(msgs)), 60*time.Second) {
+		b.res.Lost = int64(len(msgs)) - atomic.LoadInt64(&b.res.Delivered)
+	}
+	b.res.CatchUpSeconds = time.Since(start).Seconds()
+	return nil
+}
+
+// rssKiB reads VmRSS of pid from /proc (0 when unknown).
+func rssKiB(pid int) int64 {
+	if pid <= 0 {
+		return 0
+	}
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		if strings.HasPrefix(line, "VmRSS:") {
+			f := strings.Fields(line)
+			if len(f) >= 2 {
+				n, _ := strconv.ParseInt(f[1], 10, 64)
+				return n
+			}
+		}
+	}
+	return 0
+}
+
+func printResult(w io.Writer, r *benchResult) {
+	fmt.Fprintf(w, "scenario            %s\n", r.Scenario)
+	fmt.Fprintf(w, "users               %d\n", r.Users)
+	fmt.Fprintf(w, "connected           %d (failed %d) in %.2fs (%.0f/s)\n", r.Connected, r.ConnectFailed, r.ConnectSeconds, float64(r.Connected)/max(r.ConnectSeconds, 1e-9))
+	fmt.Fprintf(w, "drops               %d\n", r.Drops)
+	if r.Sent > 0 {
+		fmt.Fprintf(w, "sent / server-acked %d / %d\n", r.Sent, r.ServerAcked)
+		fmt.Fprintf(w, "delivered           %d (%.0f/s over %.1fs), duplicates %d, lost %d\n", r.Delivered, float64(r.Delivered)/max(r.Seconds, 1e-9), r.Seconds, r.Duplicates, r.Lost)
+	}
+	for _, l := range []struct {
+		name string
+		h    *hist
+	}{{"SERVER_ACK latency", r.AckLatency}, {"end-to-end latency", r.E2ELatency}} {
+		if l.h.N == 0 {
+			continue
+		}
+		fmt.Fprintf(w, "%-19s p50 %v  p90 %v  p99 %v  p99.9 %v  max %v  (n=%d)\n", l.name,
+			l.h.quantile(.5).Round(time.Microsecond), l.h.quantile(.9).Round(time.Microsecond), l.h.quantile(.99).Round(time.Microsecond),
+			l.h.quantile(.999).Round(time.Microsecond), l.h.Max.Round(time.Microsecond), l.h.N)
+	}
+	if r.CatchUpSeconds > 0 {
+		fmt.Fprintf(w, "caught up in        %.3fs\n", r.CatchUpSeconds)
+	}
+	if r.RSSAfterKiB > 0 {
+		fmt.Fprintf(w, "server RSS          %d KiB before, %d KiB after", r.RSSBeforeKiB, r.RSSAfterKiB)
+		if r.Connected > 0 {
+			fmt.Fprintf(w, " (%.1f KiB per session)", float64(r.RSSAfterKiB-r.RSSBeforeKiB)/float64(r.Connected))
+		}
+		fmt.Fprintln(w)
+	}
+	fmt.Fprintf(w, "errors              %d %v\n", r.Errors, r.ErrorSamples)
+}

@@ -1,0 +1,188 @@
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+)
+
+// cliUser is the NATS user the embedded server accepts on --nats-listen.
+const cliUser = "vartalap"
+
+// embedded is a running in-process nats-server.
+type embedded struct {
+	srv      *server.Server
+	password string // set when the server listens with credentials
+}
+
+// startEmbedded starts nats-server with JetStream on dataDir/jetstream.
+// Without listen it opens no port at all (clients connect in-process).
+func startEmbedded(c *serveConfig, log *slog.Logger) (*embedded, error) {
+	opts := &server.Options{
+		ServerName: "vartalap",
+		JetStream:  true,
+		StoreDir:   filepath.Join(c.DataDir, "jetstream"),
+		SyncAlways: c.Sync == "always",
+		NoSigs:     true,
+		DontListen: c.NATSListen == "",
+		// The per-stream consumer cap (1,000 by default since 2.15) is set
+		// explicitly per stream by its owner; keep the server default.
+	}
+	e := &embedded{}
+	if c.NATSListen != "" {
+		host, port, err := net.SplitHostPort(c.NATSListen)
+		if err != nil {
+			return nil, fmt.Errorf("--nats-listen: %w", err)
+		}
+		p, err := strconv.Atoi(port)
+		if err != nil {
+			return nil, fmt.Errorf("--nats-listen port: %w", err)
+		}
+		opts.Host, opts.Port = host, p
+		pw, err := cliPassword(c.DataDir)
+		if err != nil {
+			return nil, err
+		}
+		e.password = pw
+		opts.Users = []*server.User{{Username: cliUser, Password: pw}}
+	}
+	srv, err := server.NewServer(opts)
+	if err != nil {
+		return nil, fmt.Errorf("new nats server: %w", err)
+	}
+	srv.SetLoggerV2(natsLogger{log.With("component", "nats")}, false, false, false)
+	go srv.Start()
+	// Start recovers every stream before it is ready; allow for a big store.
+	if !srv.ReadyForConnections(2 * time.Minute) {
+		srv.Shutdown()
+		return nil, errors.New("embedded nats server did not become ready")
+	}
+	e.srv = srv
+	if c.NATSListen != "" {
+		log.Info("nats listening", "addr", srv.Addr().String(), "user", cliUser,
+			"credentials", filepath.Join(c.DataDir, "nats-cli.env"))
+		if err := writeCLIEnv(c.DataDir, srv.Addr().String(), e.password); err != nil {
+			return nil, err
+		}
+	}
+	return e, nil
+}
+
+// connect opens the process's NATS connection: in-process to the embedded
+// server, or to --nats-url.
+func connect(c *serveConfig, e *embedded, log *slog.Logger) (*nats.Conn, error) {
+	opts := []nats.Option{
+		nats.Name("vartalap"),
+		nats.MaxReconnects(-1),
+		nats.ReconnectWait(500 * time.Millisecond),
+		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
+			if err != nil {
+				log.Warn("nats disconnected", "err", err)
+			}
+		}),
+		nats.ReconnectHandler(func(nc *nats.Conn) { log.Info("nats reconnected", "url", nc.ConnectedUrlRedacted()) }),
+		nats.ErrorHandler(func(_ *nats.Conn, sub *nats.Subscription, err error) {
+			subj := ""
+			if sub != nil {
+				subj = sub.Subject
+			}
+			log.Warn("nats async error", "subject", subj, "err", err)
+		}),
+	}
+	if e != nil {
+		opts = append(opts, nats.InProcessServer(e.srv))
+		if e.password != "" {
+			opts = append(opts, nats.UserInfo(cliUser, e.password))
+		}
+		return nats.Connect("", opts...)
+	}
+	if c.NATSCreds != "" {
+		opts = append(opts, nats.UserCredentials(c.NATSCreds))
+	}
+	nc, err := nats.Connect(c.NATSURL, opts...)
+	if err != nil {
+		return nil, fmt.Errorf("connect %s: %w", c.NATSURL, err)
+	}
+	return nc, nil
+}
+
+// cliPassword returns the password for --nats-listen, generated on first
+// start and kept (mode 0600) in the data dir.
+func cliPassword(dataDir string) (string, error) {
+	path := filepath.Join(dataDir, "nats-cli.password")
+	if b, err := os.ReadFile(path); err == nil {
+		if pw := strings.TrimSpace(string(b)); pw != "" {
+			return pw, nil
+		}
+	} else if !errors.Is(err, os.ErrNotExist) {
+		return "", fmt.Errorf("read %s: %w", path, err)
+	}
+	buf := make([]byte, 24)
+	if _, err := rand.Read(buf); err != nil {
+		return "", err
+	}
+	pw := base64.RawURLEncoding.EncodeToString(buf)
+	if err := os.WriteFile(path, []byte(pw+"\n"), 0o600); err != nil {
+		return "", fmt.Errorf("write %s: %w", path, err)
+	}
+	return pw, nil
+}
+
+// writeCLIEnv writes a file the README tells operators to source before
+// using the nats CLI: NATS_URL, NATS_USER, NATS_PASSWORD.
+func writeCLIEnv(dataDir, addr, pw string) error {
+	path := filepath.Join(dataDir, "nats-cli.env")
+	s := fmt.Sprintf("export NATS_URL=nats://%s\nexport NATS_USER=%s\nexport NATS_PASSWORD=%s\n", addr, cliUser, pw)
+	if err := os.WriteFile(path, []byte(s), 0o600); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	return nil
+}
+
+// shutdown stops the embedded server and waits, bounded by ctx.
+func (e *embedded) shutdown(ctx context.Context) {
+	done := make(chan struct{})
+	go func() {
+		e.srv.Shutdown()
+		e.srv.WaitForShutdown()
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-ctx.Done():
+	}
+}
+
+// natsLogger routes nats-server logs into slog.
+type natsLogger struct{ l *slog.Logger }
+
+func (n natsLogger) Noticef(f string, v ...any) {
+	n.l.Info("nats server", "detail", fmt.Sprintf(f, v...))
+}
+func (n natsLogger) Warnf(f string, v ...any) {
+	n.l.Warn("nats server", "detail", fmt.Sprintf(f, v...))
+}
+func (n natsLogger) Fatalf(f string, v ...any) {
+	n.l.Error("nats server", "detail", fmt.Sprintf(f, v...))
+}
+func (n natsLogger) Errorf(f string, v ...any) {
+	n.l.Error("nats server", "detail", fmt.Sprintf(f, v...))
+}
+func (n natsLogger) Debugf(f string, v ...any) {
+	n.l.Debug("nats server", "detail", fmt.Sprintf(f, v...))
+}
+func (n natsLogger) Tracef(f string, v ...any) {
+	n.l.Debug("nats server", "detail", fmt.Sprintf(f, v...))
+}
