@@ -30,6 +30,9 @@ type serveConfig struct {
 	LogLevel      string
 	Retention     time.Duration
 	Replicas      int
+	PushProvider  string
+	FCMEndpoint   string
+	PushTTL       time.Duration
 	PprofAddr     string
 	ShutdownGrace time.Duration
 	Node          string
@@ -56,6 +59,9 @@ func parseServe(args []string, getenv func(string) string, stderr io.Writer) (*s
 	fs.StringVar(&c.AuthProvider, "auth-provider", "dev", "login token verifier: dev (accepts any token) or firebase")
 	fs.StringVar(&c.FirebaseProj, "firebase-project", "", "Firebase project id (auth-provider firebase)")
 	fs.StringVar(&c.FirebaseCreds, "firebase-credentials", "", "Firebase service-account JSON (optional for auth)")
+	fs.StringVar(&c.PushProvider, "push-provider", "log", "push notifications: fcm (Firebase Cloud Messaging), log (log what would be sent) or none")
+	fs.StringVar(&c.FCMEndpoint, "fcm-endpoint", "", "send FCM requests to this base URL without Google credentials (tests, emulators)")
+	fs.DurationVar(&c.PushTTL, "push-ttl", 24*time.Hour, "how long FCM keeps an undelivered push")
 	fs.BoolVar(&c.AllowDevAuth, "allow-dev-auth", false, "allow the dev auth provider on a non-loopback --http-addr")
 	fs.StringVar(&c.Sync, "sync", "always", "embedded JetStream fsync: always (fsync before every ack) or interval (every 2 min)")
 	fs.StringVar(&c.LogFormat, "log-format", "text", "log format: text or json")
@@ -110,6 +116,14 @@ func parseServe(args []string, getenv func(string) string, stderr io.Writer) (*s
 	}
 	if c.AuthProvider == "firebase" && c.FirebaseProj == "" {
 		return nil, fmt.Errorf("--auth-provider firebase needs --firebase-project")
+	}
+	switch c.PushProvider {
+	case "fcm", "log", "none":
+	default:
+		return nil, fmt.Errorf("--push-provider: %q is not fcm, log or none", c.PushProvider)
+	}
+	if c.PushProvider == "fcm" && c.FirebaseProj == "" {
+		return nil, fmt.Errorf("--push-provider fcm needs --firebase-project")
 	}
 	switch c.Sync {
 	case "always", "interval":

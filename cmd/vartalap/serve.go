@@ -27,6 +27,8 @@ import (
 	"github.com/vartalap/vartalap/internal/webclient"
 	"github.com/vartalap/vartalap/profile"
 	"github.com/vartalap/vartalap/profile/firebaseauth"
+	"github.com/vartalap/vartalap/push"
+	"github.com/vartalap/vartalap/push/fcm"
 	"github.com/vartalap/vartalap/router"
 	"github.com/vartalap/vartalap/schema"
 )
@@ -140,6 +142,7 @@ type app struct {
 	delivery *delivery.Service
 	router   *router.Router
 	groups   *groups.Service
+	push     *push.Service
 	gateway  *gateway.Gateway
 	handler  http.Handler
 }
@@ -177,7 +180,7 @@ func build(ctx context.Context, c *serveConfig, nc *nats.Conn, js jetstream.JetS
 		authn = profile.NewClient(nc, 5*time.Second)
 	}
 
-	if c.has("delivery") || c.has("gateway") {
+	if c.has("delivery") || c.has("gateway") || c.has("push") {
 		d, err := delivery.New(delivery.Config{
 			JS: js, NC: nc, Logger: log.With("service", "delivery"),
 			Node: c.Node, Retention: c.Retention, Replicas: c.Replicas,
@@ -232,6 +235,34 @@ func build(ctx context.Context, c *serveConfig, nc *nats.Conn, js jetstream.JetS
 			return nil, fmt.Errorf("gateway: %w", err)
 		}
 		a.gateway = g
+	}
+
+	if c.has("push") && c.PushProvider != "none" {
+		var sender push.Sender
+		if c.PushProvider == "fcm" {
+			fs, err := fcm.New(setupCtx, c.FirebaseProj, c.FirebaseCreds, c.FCMEndpoint)
+			if err != nil {
+				return nil, fmt.Errorf("fcm: %w", err)
+			}
+			sender = fs
+		} else {
+			sender = push.NewLogSender(log.With("service", "push"))
+		}
+		var devs deviceSource = profile.NewClient(nc, 5*time.Second)
+		if a.profile != nil {
+			devs = a.profile
+		}
+		p, err := push.New(push.Config{
+			JS: js, Logger: log.With("service", "push"),
+			Presence: a.delivery, Devices: pushDevices{devs}, Sender: sender, TTL: c.PushTTL,
+		})
+		if err != nil {
+			return nil, fmt.Errorf("push: %w", err)
+		}
+		if err := p.Setup(setupCtx); err != nil {
+			return nil, fmt.Errorf("push setup: %w", err)
+		}
+		a.push = p
 	}
 
 	root := chi.NewRouter()
@@ -298,6 +329,9 @@ func (a *app) run(ctx context.Context, c *serveConfig, log *slog.Logger) error {
 	}
 	if a.router != nil {
 		start("router", a.router.Run)
+	}
+	if a.push != nil {
+		start("push", a.push.Run)
 	}
 
 	ln, err := net.Listen("tcp", c.HTTPAddr)
@@ -419,4 +453,29 @@ func (a groupsAdapter) Members(ctx context.Context, g schema.GroupID) ([]schema.
 		return nil, fmt.Errorf("%w: %s", router.ErrNoGroup, g)
 	}
 	return ms, err
+}
+
+// deviceSource is what both profile.Service and profile.Client offer.
+type deviceSource interface {
+	Devices(ctx context.Context, user schema.UserID) ([]profile.Device, error)
+	RemoveToken(ctx context.Context, user schema.UserID, device schema.DeviceID, token string) error
+}
+
+// pushDevices gives the push service the profile service's devices.
+type pushDevices struct{ d deviceSource }
+
+func (p pushDevices) Devices(ctx context.Context, u schema.UserID) ([]push.Device, error) {
+	ds, err := p.d.Devices(ctx, u)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]push.Device, 0, len(ds))
+	for _, d := range ds {
+		out = append(out, push.Device{ID: d.ID, Token: d.PushToken})
+	}
+	return out, nil
+}
+
+func (p pushDevices) RemoveToken(ctx context.Context, u schema.UserID, dev schema.DeviceID, token string) error {
+	return p.d.RemoveToken(ctx, u, dev, token)
 }

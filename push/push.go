@@ -1,0 +1,326 @@
+package push
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/vartalap/vartalap/schema"
+)
+
+// Presence tells which devices of a user are connected.
+type Presence interface {
+	// Online returns the devices of user currently connected anywhere.
+	Online(ctx context.Context, user schema.UserID) ([]schema.DeviceID, error)
+}
+
+// Device is one registered device of a user and its push token ("" = none).
+type Device struct {
+	ID    schema.DeviceID
+	Token string
+}
+
+// Devices gives the devices and push tokens of a user.
+type Devices interface {
+	// Devices returns the registered devices of user.
+	Devices(ctx context.Context, user schema.UserID) ([]Device, error)
+	// RemoveToken removes the push token of (user, device) if it still
+	// equals token.
+	RemoveToken(ctx context.Context, user schema.UserID, device schema.DeviceID, token string) error
+}
+
+// Notification is one push to one device token.
+type Notification struct {
+	Token       string
+	Data        map[string]string // "message": rendered JSON, optional "count"
+	CollapseKey string
+	TTL         time.Duration
+}
+
+// Data keys of a Notification.
+const (
+	DataMessage = "message" // the JSON a text client receives for the latest message
+	DataCount   = "count"   // number of messages folded into the push, when more than one
+)
+
+// Sender delivers notifications. Errors are classified with ErrTokenInvalid
+// and *RetryableError; any other error is permanent for that notification.
+type Sender interface {
+	Send(ctx context.Context, n Notification) error
+}
+
+// ErrTokenInvalid is wrapped by a Sender when the provider reported the
+// token as unregistered or invalid: the token is removed and never used
+// again.
+var ErrTokenInvalid = errors.New("push token invalid or unregistered")
+
+// RetryableError is a transient provider failure (429, 5xx, timeout). After
+// is the server's Retry-After, if any.
+type RetryableError struct {
+	After time.Duration
+	Err   error
+}
+
+func (e *RetryableError) Error() string {
+	if e.Err == nil {
+		return "retryable push error"
+	}
+	return "retryable push error: " + e.Err.Error()
+}
+
+func (e *RetryableError) Unwrap() error { return e.Err }
+
+// ConsumerName is the durable consumer on INBOX shared by all push processes.
+const ConsumerName = "push"
+
+// Defaults.
+const (
+	DefaultTTL         = 24 * time.Hour
+	DefaultConcurrency = 8
+	DefaultCoalesce    = 2 * time.Second
+	DefaultMaxAttempts = 5
+)
+
+const (
+	// maxTTL is FCM's limit for android.ttl (28 days).
+	maxTTL = 28 * 24 * time.Hour
+	// ackWait is the consumer's ack wait; held messages are kept alive with
+	// InProgress every ackWait/3.
+	ackWait = 30 * time.Second
+	// maxDeliver bounds the deliveries of one INBOX message to this consumer.
+	maxDeliver = 10
+	// maxAckPendingPerWorker times Concurrency is the consumer's
+	// MaxAckPending: the messages held in memory at most.
+	maxAckPendingPerWorker = 128
+	// opTimeout bounds one presence or device lookup and one token removal.
+	opTimeout = 10 * time.Second
+	// sendTimeout bounds one Sender.Send attempt; running out is retryable.
+	sendTimeout = 30 * time.Second
+	// firstRetryDelay doubles per attempt up to maxRetryDelay.
+	firstRetryDelay = 500 * time.Millisecond
+	// maxRetryDelay caps the retry backoff; a Retry-After longer than this
+	// makes the push give up.
+	maxRetryDelay = 2 * time.Minute
+	// maxNakDelay caps the redelivery delay after a lookup failure.
+	maxNakDelay = 30 * time.Second
+	// shutdownNakDelay is the redelivery delay of messages held at shutdown.
+	shutdownNakDelay = time.Second
+	// maxDeadTokens bounds the in-memory set of dropped tokens.
+	maxDeadTokens = 4096
+)
+
+// Config configures a Service.
+type Config struct {
+	// JS is the JetStream context of the INBOX stream. Required.
+	JS jetstream.JetStream
+	// Logger receives the service's logs. Default: discard.
+	Logger *slog.Logger
+	// Presence tells which devices are connected. Required.
+	Presence Presence
+	// Devices gives device tokens and removes bad ones. Required.
+	Devices Devices
+	// Sender delivers the pushes (push/fcm, or NewLogSender). Required.
+	Sender Sender
+	// TTL is how long the provider keeps an undelivered push, sent in whole
+	// seconds (android.ttl). Default 24h, at most 28 days.
+	TTL time.Duration
+	// Concurrency is the number of lookup workers and of send workers.
+	// Default 8.
+	Concurrency int
+	// Coalesce is the window per (user, device): at most one push per
+	// window, folding the messages that arrive inside it. Default 2s.
+	Coalesce time.Duration
+	// MaxAttempts is the number of send attempts of one push on retryable
+	// errors. Default 5.
+	MaxAttempts int
+}
+
+// Stats is a snapshot of the service's counters since New.
+type Stats struct {
+	Sent          uint64 // pushes the provider accepted
+	Failed        uint64 // pushes given up: permanent error or attempts exhausted (invalid tokens excluded)
+	Retried       uint64 // send attempts repeated after a retryable error
+	Coalesced     uint64 // messages folded into another message's push (count-1 per push)
+	TokensRemoved uint64 // tokens removed because the provider reported them invalid
+}
+
+// Service pushes stored messages to offline devices.
+type Service struct {
+	js          jetstream.JetStream
+	log         *slog.Logger
+	presence    Presence
+	devices     Devices
+	sender      Sender
+	ttl         time.Duration
+	workers     int
+	window      time.Duration
+	maxAttempts int
+	ackWait     time.Duration
+
+	sent, failed, retried, coalesced, tokensRemoved atomic.Uint64
+
+	deadMu sync.Mutex
+	dead   map[string]struct{} // tokens reported invalid
+}
+
+// New returns a Service for cfg, with defaults filled in.
+func New(cfg Config) (*Service, error) {
+	switch {
+	case cfg.JS == nil:
+		return nil, errors.New("push: config: JS is required")
+	case cfg.Presence == nil:
+		return nil, errors.New("push: config: Presence is required")
+	case cfg.Devices == nil:
+		return nil, errors.New("push: config: Devices is required")
+	case cfg.Sender == nil:
+		return nil, errors.New("push: config: Sender is required")
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.TTL == 0 {
+		cfg.TTL = DefaultTTL
+	}
+	if cfg.Concurrency == 0 {
+		cfg.Concurrency = DefaultConcurrency
+	}
+	if cfg.Coalesce == 0 {
+		cfg.Coalesce = DefaultCoalesce
+	}
+	if cfg.MaxAttempts == 0 {
+		cfg.MaxAttempts = DefaultMaxAttempts
+	}
+	switch {
+	case cfg.TTL < time.Second || cfg.TTL > maxTTL:
+		return nil, fmt.Errorf("push: config: ttl %v not between 1s and %v", cfg.TTL, maxTTL)
+	case cfg.Concurrency < 0:
+		return nil, fmt.Errorf("push: config: concurrency %d is negative", cfg.Concurrency)
+	case cfg.Coalesce < 0:
+		return nil, fmt.Errorf("push: config: coalesce %v is negative", cfg.Coalesce)
+	case cfg.MaxAttempts < 0:
+		return nil, fmt.Errorf("push: config: max attempts %d is negative", cfg.MaxAttempts)
+	}
+	return &Service{
+		js:          cfg.JS,
+		log:         cfg.Logger,
+		presence:    cfg.Presence,
+		devices:     cfg.Devices,
+		sender:      cfg.Sender,
+		ttl:         cfg.TTL.Truncate(time.Second),
+		workers:     cfg.Concurrency,
+		window:      cfg.Coalesce,
+		maxAttempts: cfg.MaxAttempts,
+		ackWait:     ackWait,
+		dead:        make(map[string]struct{}),
+	}, nil
+}
+
+// Setup creates or updates the durable consumer on INBOX. It is idempotent.
+// The INBOX stream must exist (delivery creates it).
+func (s *Service) Setup(ctx context.Context) error {
+	_, err := s.js.CreateOrUpdateConsumer(ctx, schema.StreamInbox, jetstream.ConsumerConfig{
+		Durable:       ConsumerName,
+		Description:   "sends push notifications to offline devices",
+		DeliverPolicy: jetstream.DeliverNewPolicy,
+		AckPolicy:     jetstream.AckExplicitPolicy,
+		AckWait:       s.ackWait,
+		MaxDeliver:    maxDeliver,
+		MaxAckPending: maxAckPendingPerWorker * s.workers,
+	})
+	if err != nil {
+		return fmt.Errorf("create consumer %s on %s: %w", ConsumerName, schema.StreamInbox, err)
+	}
+	return nil
+}
+
+// Stats returns a snapshot of the counters.
+func (s *Service) Stats() Stats {
+	return Stats{
+		Sent:          s.sent.Load(),
+		Failed:        s.failed.Load(),
+		Retried:       s.retried.Load(),
+		Coalesced:     s.coalesced.Load(),
+		TokensRemoved: s.tokensRemoved.Load(),
+	}
+}
+
+// Run pushes messages until ctx ends. It then stops consuming, abandons the
+// pushes in flight and NakWithDelay's the messages it held, so the next
+// push process picks them up, and returns nil. Setup must have run before.
+// Run returns an error if the consumer is missing or is deleted while
+// running.
+func (s *Service) Run(ctx context.Context) error {
+	cons, err := s.js.Consumer(ctx, schema.StreamInbox, ConsumerName)
+	if err != nil {
+		return fmt.Errorf("push consumer: %w", err)
+	}
+	r := newRunner(s)
+	in := make(chan jetstream.Msg, s.workers)
+	stop := make(chan struct{})
+	fatal := make(chan error, 1)
+	cc, err := cons.Consume(func(m jetstream.Msg) {
+		select {
+		case in <- m:
+		case <-stop:
+		}
+	},
+		jetstream.PullMaxMessages(2*s.workers),
+		jetstream.ConsumeErrHandler(func(_ jetstream.ConsumeContext, err error) {
+			if errors.Is(err, jetstream.ErrConsumerDeleted) || errors.Is(err, jetstream.ErrConsumerNotFound) {
+				select {
+				case fatal <- err:
+				default:
+				}
+				return
+			}
+			s.log.Warn("push consume error", "err", err)
+		}))
+	if err != nil {
+		return fmt.Errorf("consume %s: %w", schema.StreamInbox, err)
+	}
+
+	wctx, cancel := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	for range s.workers {
+		wg.Go(func() { r.lookupLoop(wctx, in) })
+		wg.Go(func() { r.sendLoop(wctx) })
+	}
+	wg.Go(func() { r.flushLoop(wctx) })
+	wg.Go(func() { r.keepAlive(wctx) })
+
+	var runErr error
+	select {
+	case <-ctx.Done():
+	case err := <-fatal:
+		runErr = fmt.Errorf("push consumer: %w", err)
+	}
+	close(stop)
+	cc.Stop()
+	<-cc.Closed()
+	cancel()
+	wg.Wait()
+	r.releaseAll(in)
+	return runErr
+}
+
+func (s *Service) isDead(token string) bool {
+	s.deadMu.Lock()
+	defer s.deadMu.Unlock()
+	_, ok := s.dead[token]
+	return ok
+}
+
+func (s *Service) markDead(token string) {
+	s.deadMu.Lock()
+	defer s.deadMu.Unlock()
+	if len(s.dead) >= maxDeadTokens {
+		clear(s.dead)
+	}
+	s.dead[token] = struct{}{}
+}

@@ -1,0 +1,434 @@
+package push
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"slices"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/vartalap/vartalap/schema"
+)
+
+// held is an INBOX message this process works on. It is acked when refs
+// drops to zero: every push it is part of is done. A batch abandoned at
+// shutdown never releases its messages; Run naks them instead.
+type held struct {
+	msg  jetstream.Msg // the latest delivery of the message
+	seq  uint64        // its stream sequence
+	refs int           // open batches holding it, plus one while it is looked up
+}
+
+type deviceKey struct {
+	user   schema.UserID
+	device schema.DeviceID
+}
+
+// batch is one coalescing window of one device: the messages that will be
+// sent as one push when the window ends.
+type batch struct {
+	key       deviceKey
+	token     string
+	deadline  time.Time
+	latest    *schema.Message
+	latestSeq uint64
+	count     int
+	msgs      []*held
+}
+
+// runner is the state of one Run.
+type runner struct {
+	s     *Service
+	ready chan *batch
+	wake  chan struct{}
+
+	mu      sync.Mutex
+	held    map[uint64]*held // by stream sequence
+	pending map[deviceKey]*batch
+	order   []*batch // pending in deadline order (all windows are equally long)
+}
+
+func newRunner(s *Service) *runner {
+	return &runner{
+		s:       s,
+		ready:   make(chan *batch, s.workers),
+		wake:    make(chan struct{}, 1),
+		held:    make(map[uint64]*held),
+		pending: make(map[deviceKey]*batch),
+	}
+}
+
+// lookupLoop decides for each INBOX message which devices get a push and
+// adds it to their batches.
+func (r *runner) lookupLoop(ctx context.Context, in <-chan jetstream.Msg) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case m := <-in:
+			r.lookup(ctx, m)
+		}
+	}
+}
+
+func (r *runner) lookup(ctx context.Context, m jetstream.Msg) {
+	log := r.s.log.With("subject", m.Subject())
+	meta, err := m.Metadata()
+	if err != nil {
+		log.Error("push message without metadata", "err", err)
+		_ = m.Term()
+		return
+	}
+	seq := meta.Sequence.Stream
+	log = log.With("seq", seq)
+
+	r.mu.Lock()
+	if h, ok := r.held[seq]; ok {
+		// A redelivery of a message still being worked on: ack the newest
+		// delivery when done.
+		h.msg = m
+		r.mu.Unlock()
+		return
+	}
+	h := &held{msg: m, seq: seq, refs: 1}
+	r.held[seq] = h
+	r.mu.Unlock()
+
+	targets, ok := r.targets(ctx, log, m, meta)
+	if !ok {
+		r.mu.Lock()
+		delete(r.held, seq)
+		r.mu.Unlock()
+		return
+	}
+	if len(targets) > 0 {
+		r.enqueue(h, seq, targets)
+	}
+	r.release([]*held{h})
+}
+
+// target is one device to push a message to.
+type target struct {
+	key   deviceKey
+	token string
+	msg   *schema.Message
+}
+
+// targets returns the devices m is pushed to. ok=false means the message was
+// already terminated or nak'ed and must be forgotten.
+func (r *runner) targets(ctx context.Context, log *slog.Logger, m jetstream.Msg, meta *jetstream.MsgMetadata) (_ []target, ok bool) {
+	msg, err := schema.UnmarshalProto(m.Data())
+	if err != nil {
+		log.Error("push undecodable message", "err", err)
+		_ = m.Term()
+		return nil, false
+	}
+	log = log.With("msg_id", msg.ID)
+	user, err := schema.UserFromSubject(m.Subject())
+	if err != nil || !user.Valid() {
+		log.Error("push bad inbox subject", "err", err)
+		_ = m.Term()
+		return nil, false
+	}
+	if !pushable(msg, user) {
+		return nil, true
+	}
+
+	lctx, cancel := context.WithTimeout(ctx, opTimeout)
+	defer cancel()
+	devs, err := r.s.devices.Devices(lctx, user)
+	if err != nil {
+		r.nak(ctx, log.With("user", user), m, meta, "devices", err)
+		return nil, false
+	}
+	devs = slices.DeleteFunc(devs, func(d Device) bool { return d.Token == "" || r.s.isDead(d.Token) })
+	if len(devs) == 0 {
+		return nil, true
+	}
+	online, err := r.s.presence.Online(lctx, user)
+	if err != nil {
+		r.nak(ctx, log.With("user", user), m, meta, "presence", err)
+		return nil, false
+	}
+	var out []target
+	for _, d := range devs {
+		if !slices.Contains(online, d.ID) {
+			out = append(out, target{key: deviceKey{user, d.ID}, token: d.Token, msg: msg})
+		}
+	}
+	return out, true
+}
+
+// pushable reports whether m, stored in user's inbox, is pushed at all.
+func pushable(m *schema.Message, user schema.UserID) bool {
+	if m.Ephemeral || m.Source == string(user) {
+		return false
+	}
+	return m.Type == schema.TypeMessage || m.Type == schema.TypeCustom
+}
+
+// nak hands m back for redelivery after a lookup failure, with a delay
+// growing with its deliveries (short when the failure is our shutdown).
+func (r *runner) nak(ctx context.Context, log *slog.Logger, m jetstream.Msg, meta *jetstream.MsgMetadata, what string, err error) {
+	if ctx.Err() != nil {
+		_ = m.NakWithDelay(shutdownNakDelay)
+		return
+	}
+	delay := time.Second << min(meta.NumDelivered-1, 5)
+	delay = min(delay, maxNakDelay)
+	log.Warn("push lookup error", "lookup", what, "num_delivered", meta.NumDelivered, "retry_in", delay, "err", err)
+	if meta.NumDelivered >= maxDeliver {
+		log.Error("push lookup gave up", "lookup", what, "err", err)
+	}
+	_ = m.NakWithDelay(delay)
+}
+
+// enqueue adds message h (stream sequence seq) to the batch of each target.
+func (r *runner) enqueue(h *held, seq uint64, targets []target) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, t := range targets {
+		b, ok := r.pending[t.key]
+		if !ok {
+			b = &batch{key: t.key, deadline: time.Now().Add(r.s.window)}
+			r.pending[t.key] = b
+			r.order = append(r.order, b)
+			if len(r.order) == 1 {
+				select {
+				case r.wake <- struct{}{}:
+				default:
+				}
+			}
+		}
+		b.token = t.token
+		b.count++
+		b.msgs = append(b.msgs, h)
+		h.refs++
+		if b.latest == nil || seq > b.latestSeq {
+			b.latest, b.latestSeq = t.msg, seq
+		}
+	}
+}
+
+// flushLoop hands batches whose window ended to the send workers.
+func (r *runner) flushLoop(ctx context.Context) {
+	timer := time.NewTimer(time.Hour)
+	timer.Stop()
+	defer timer.Stop()
+	for {
+		now := time.Now()
+		var due []*batch
+		var next time.Time
+		r.mu.Lock()
+		for len(r.order) > 0 && !r.order[0].deadline.After(now) {
+			b := r.order[0]
+			r.order[0] = nil
+			r.order = r.order[1:]
+			delete(r.pending, b.key)
+			due = append(due, b)
+		}
+		if len(r.order) > 0 {
+			next = r.order[0].deadline
+		}
+		r.mu.Unlock()
+
+		for _, b := range due {
+			select {
+			case r.ready <- b:
+			case <-ctx.Done():
+				return // the rest is abandoned
+			}
+		}
+		if len(due) > 0 {
+			continue
+		}
+		var fire <-chan time.Time
+		if !next.IsZero() {
+			timer.Reset(time.Until(next))
+			fire = timer.C
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-r.wake:
+		case <-fire:
+		}
+	}
+}
+
+// sendLoop sends batches until ctx ends.
+func (r *runner) sendLoop(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case b := <-r.ready:
+			if r.send(ctx, b) {
+				r.release(b.msgs)
+			}
+		}
+	}
+}
+
+// send pushes one batch. It returns false if it was interrupted by shutdown
+// (the batch's messages must then be redelivered).
+func (r *runner) send(ctx context.Context, b *batch) bool {
+	s := r.s
+	log := s.log.With("user", b.key.user, "device", b.key.device, "msg_id", b.latest.ID, "count", b.count)
+	if s.isDead(b.token) {
+		return true
+	}
+	if r.nowOnline(ctx, b.key) {
+		return true
+	}
+	n := Notification{
+		Token:       b.token,
+		Data:        map[string]string{DataMessage: string(schema.RenderJSON(b.latest))},
+		CollapseKey: collapseKey(b.latest),
+		TTL:         s.ttl,
+	}
+	if b.count > 1 {
+		n.Data[DataCount] = strconv.Itoa(b.count)
+		s.coalesced.Add(uint64(b.count - 1))
+	}
+	for attempt := 1; ; attempt++ {
+		actx, cancel := context.WithTimeout(ctx, sendTimeout)
+		err := s.sender.Send(actx, n)
+		cancel()
+		if err == nil {
+			s.sent.Add(1)
+			log.Debug("push sent", "attempt", attempt)
+			return true
+		}
+		if ctx.Err() != nil {
+			return false
+		}
+		if errors.Is(err, ErrTokenInvalid) {
+			r.dropToken(ctx, log, b, err)
+			return true
+		}
+		var re *RetryableError
+		if !errors.As(err, &re) && !errors.Is(err, context.DeadlineExceeded) {
+			s.failed.Add(1)
+			log.Warn("push failed", "attempt", attempt, "err", err)
+			return true
+		}
+		delay := firstRetryDelay << min(attempt-1, 16)
+		if re != nil && re.After > 0 {
+			delay = re.After
+		}
+		if attempt >= s.maxAttempts || delay > maxRetryDelay {
+			s.failed.Add(1)
+			log.Warn("push gave up", "attempt", attempt, "retry_after", delay, "err", err)
+			return true
+		}
+		s.retried.Add(1)
+		log.Info("push retry", "attempt", attempt, "retry_in", delay, "err", err)
+		t := time.NewTimer(min(delay, maxRetryDelay))
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return false
+		case <-t.C:
+		}
+	}
+}
+
+// nowOnline reports whether the device connected while its push waited. A
+// presence failure counts as offline: better a push too many than none.
+func (r *runner) nowOnline(ctx context.Context, k deviceKey) bool {
+	lctx, cancel := context.WithTimeout(ctx, opTimeout)
+	defer cancel()
+	online, err := r.s.presence.Online(lctx, k.user)
+	return err == nil && slices.Contains(online, k.device)
+}
+
+func (r *runner) dropToken(ctx context.Context, log *slog.Logger, b *batch, cause error) {
+	s := r.s
+	s.markDead(b.token)
+	// The removal finishes even when shutdown starts meanwhile.
+	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), opTimeout)
+	defer cancel()
+	if err := s.devices.RemoveToken(rctx, b.key.user, b.key.device, b.token); err != nil {
+		log.Warn("push token removal error", "reason", cause, "err", err)
+		return
+	}
+	s.tokensRemoved.Add(1)
+	log.Info("push token removed", "reason", cause)
+}
+
+// collapseKey is the conversation of m: the group for group messages, else
+// the sender.
+func collapseKey(m *schema.Message) string {
+	if m.Channel == schema.ChannelGroup {
+		return m.Destination
+	}
+	return m.Source
+}
+
+// release drops one reference from each message and acks those that are done.
+func (r *runner) release(hs []*held) {
+	var done []jetstream.Msg
+	r.mu.Lock()
+	for _, h := range hs {
+		h.refs--
+		if h.refs == 0 {
+			delete(r.held, h.seq)
+			done = append(done, h.msg)
+		}
+	}
+	r.mu.Unlock()
+	for _, m := range done {
+		if err := m.Ack(); err != nil {
+			r.s.log.Warn("push ack error", "subject", m.Subject(), "err", err)
+		}
+	}
+}
+
+// keepAlive extends the ack wait of the held messages, so coalescing, slow
+// providers and retries do not cause redeliveries.
+func (r *runner) keepAlive(ctx context.Context) {
+	t := time.NewTicker(r.s.ackWait / 3)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		r.mu.Lock()
+		msgs := make([]jetstream.Msg, 0, len(r.held))
+		for _, h := range r.held {
+			msgs = append(msgs, h.msg)
+		}
+		r.mu.Unlock()
+		for _, m := range msgs {
+			_ = m.InProgress()
+		}
+	}
+}
+
+// releaseAll hands every message still held or queued back to the server
+// for redelivery. Run calls it after the consumer and all workers stopped.
+func (r *runner) releaseAll(in <-chan jetstream.Msg) {
+	for drained := false; !drained; {
+		select {
+		case m := <-in:
+			_ = m.NakWithDelay(shutdownNakDelay)
+		default:
+			drained = true
+		}
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for seq, h := range r.held {
+		_ = h.msg.NakWithDelay(shutdownNakDelay)
+		delete(r.held, seq)
+	}
+	clear(r.pending)
+	r.order = nil
+}
