@@ -1,0 +1,102 @@
+package router
+
+import (
+	"context"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/vartalap/vartalap/schema"
+)
+
+// prefill publishes msgs to CHAT_IN asynchronously and waits for every
+// PubAck.
+func (e *env) prefill(b *testing.B, msgs []*schema.Message) {
+	b.Helper()
+	futs := make([]jetstream.PubAckFuture, 0, len(msgs))
+	for _, m := range msgs {
+		pm := &nats.Msg{Subject: schema.ChatIn(schema.UserID(m.Source)), Data: m.MarshalProto(), Header: nats.Header{}}
+		pm.Header.Set(schema.HeaderMsgID, m.Source+":"+m.ID)
+		f, err := e.js.PublishMsgAsync(pm)
+		if err != nil {
+			b.Fatalf("prefill: %v", err)
+		}
+		futs = append(futs, f)
+	}
+	for _, f := range futs {
+		select {
+		case <-f.Ok():
+		case err := <-f.Err():
+			b.Fatalf("prefill: %v", err)
+		case <-time.After(time.Minute):
+			b.Fatal("prefill: no puback")
+		}
+	}
+}
+
+// routeAll runs the router until the inbox holds want messages and reports
+// the rate of stored copies.
+func (e *env) routeAll(b *testing.B, want uint64) {
+	b.Helper()
+	ctx := context.Background()
+	st, err := e.js.Stream(ctx, schema.StreamInbox)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.ReportAllocs()
+	b.ResetTimer()
+	stop := e.start(b)
+	deadline := time.Now().Add(10 * time.Minute)
+	for {
+		info, err := st.Info(ctx)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if info.State.Msgs >= want {
+			break
+		}
+		if time.Now().After(deadline) {
+			b.Fatalf("inbox holds %d of %d copies", info.State.Msgs, want)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+	b.StopTimer()
+	b.ReportMetric(float64(want)/b.Elapsed().Seconds(), "copies/s")
+	stop()
+}
+
+// BenchmarkRoute1to1 routes b.N 1:1 messages (100 senders to 100
+// recipients) from CHAT_IN into INBOX on a sync: always server.
+func BenchmarkRoute1to1(b *testing.B) {
+	e := newEnv(b, 1_000_000, Config{})
+	msgs := make([]*schema.Message, b.N)
+	for i := range msgs {
+		msgs[i] = msg(fmt.Sprintf("s%d", i%100), fmt.Sprintf("r%d", i%100), fmt.Sprintf("b%d", i), schema.ChannelIndividual)
+	}
+	e.prefill(b, msgs)
+	e.routeAll(b, uint64(b.N))
+}
+
+// BenchmarkFanout routes b.N group messages to groups of 10, 100 and 1,000
+// members; copies/s is deliveries stored per second.
+func BenchmarkFanout(b *testing.B) {
+	for _, size := range []int{10, 100, 1000} {
+		b.Run(fmt.Sprintf("members=%d", size), func(b *testing.B) {
+			members := make([]schema.UserID, size)
+			for i := range members {
+				members[i] = schema.UserID(fmt.Sprintf("u%d", i))
+			}
+			l := &lister{groups: map[schema.GroupID][]schema.UserID{"g": members}}
+			e := newEnv(b, 1_000_000, Config{Groups: l})
+			msgs := make([]*schema.Message, b.N)
+			for i := range msgs {
+				msgs[i] = msg(string(members[i%size]), "g", fmt.Sprintf("f%d", i), schema.ChannelGroup)
+			}
+			e.prefill(b, msgs)
+			e.routeAll(b, uint64(b.N*(size-1)))
+		})
+	}
+}

@@ -1,0 +1,863 @@
+package router
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/synadia-io/orbit.go/jetstreamext"
+	"go.uber.org/goleak"
+
+	"github.com/vartalap/vartalap/internal/natstest"
+	"github.com/vartalap/vartalap/schema"
+)
+
+// env is one test's embedded JetStream with CHAT_IN (via Setup) and an
+// INBOX stream configured like delivery's.
+type env struct {
+	srv *natstest.Server
+	nc  *nats.Conn
+	js  jetstream.JetStream
+	r   *Router
+}
+
+// inboxConfig mirrors the delivery package's INBOX stream: one subject per
+// user, atomic publish, direct get, per-subject cap with DiscardNew.
+func inboxConfig(maxPerUser int64) jetstream.StreamConfig {
+	return jetstream.StreamConfig{
+		Name:                 schema.StreamInbox,
+		Subjects:             []string{schema.SubjectInboxAll},
+		Storage:              jetstream.FileStorage,
+		Retention:            jetstream.LimitsPolicy,
+		MaxMsgsPerSubject:    maxPerUser,
+		Discard:              jetstream.DiscardNew,
+		DiscardNewPerSubject: true,
+		AllowAtomicPublish:   true,
+		AllowDirect:          true,
+		Duplicates:           2 * time.Minute,
+		RePublish:            &jetstream.RePublish{Source: schema.SubjectInboxAll, Destination: schema.SubjectDeliverRepub},
+	}
+}
+
+func newEnv(t testing.TB, maxPerUser int64, cfg Config) *env {
+	t.Helper()
+	srv := natstest.Start(t)
+	nc, js := srv.JetStream(t)
+	ctx := context.Background()
+	if _, err := js.CreateStream(ctx, inboxConfig(maxPerUser)); err != nil {
+		t.Fatalf("create inbox: %v", err)
+	}
+	cfg.JS = js
+	r, err := New(cfg)
+	if err != nil {
+		t.Fatalf("new: %v", err)
+	}
+	if err := r.Setup(ctx); err != nil {
+		t.Fatalf("setup: %v", err)
+	}
+	return &env{srv: srv, nc: nc, js: js, r: r}
+}
+
+// start runs the router until the returned stop is called (or the test
+// ends). stop checks that Run returns nil within a deadline and leaks no
+// goroutine.
+func (e *env) start(t testing.TB) (stop func()) {
+	t.Helper()
+	ignore := goleak.IgnoreCurrent()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- e.r.Run(ctx) }()
+	var once sync.Once
+	stop = func() {
+		once.Do(func() {
+			cancel()
+			select {
+			case err := <-done:
+				if err != nil {
+					t.Errorf("run: %v", err)
+				}
+			case <-time.After(10 * time.Second):
+				t.Fatal("run did not return after cancel")
+			}
+			if err := goleak.Find(ignore); err != nil {
+				t.Errorf("goroutine leak: %v", err)
+			}
+		})
+	}
+	t.Cleanup(stop)
+	return stop
+}
+
+var serverSeq atomic.Int64
+
+// msg returns a message from -> to as the gateway accepts it.
+func msg(from, to, id string, ch schema.Channel) *schema.Message {
+	seq := serverSeq.Add(1)
+	return &schema.Message{
+		Version:         2.1,
+		ID:              id,
+		Type:            schema.TypeMessage,
+		Channel:         ch,
+		Source:          from,
+		Destination:     to,
+		Content:         []byte(`{"text":"hello ` + id + `"}`),
+		Timestamp:       1700000000000,
+		ServerID:        fmt.Sprintf("srv-%d-%s", seq, id),
+		ServerTimestamp: 1700000000001,
+	}
+}
+
+// publishIn publishes m to CHAT_IN like the gateway does and returns the
+// bytes published.
+func (e *env) publishIn(t testing.TB, m *schema.Message) []byte {
+	t.Helper()
+	data := m.MarshalProto()
+	e.publishRaw(t, schema.UserID(m.Source), m.ID, data)
+	return data
+}
+
+func (e *env) publishRaw(t testing.TB, from schema.UserID, id string, data []byte) *jetstream.PubAck {
+	t.Helper()
+	pm := &nats.Msg{Subject: schema.ChatIn(from), Data: data, Header: nats.Header{}}
+	pm.Header.Set(schema.HeaderMsgID, schema.Token(from)+":"+id)
+	pm.Header.Set(schema.HeaderDevice, "default")
+	ack, err := e.js.PublishMsg(context.Background(), pm)
+	if err != nil {
+		t.Fatalf("publish chat_in: %v", err)
+	}
+	return ack
+}
+
+// waitChatInEmpty waits until every CHAT_IN message has been routed, acked
+// and purged (the router purges up to its ack floor every 250 ms).
+func (e *env) waitChatInEmpty(t testing.TB) {
+	t.Helper()
+	e.poll(t, "chat_in empty", func() (bool, string) {
+		st, err := e.js.Stream(context.Background(), schema.StreamChatIn)
+		if err != nil {
+			return false, err.Error()
+		}
+		info, err := st.Info(context.Background())
+		if err != nil {
+			return false, err.Error()
+		}
+		return info.State.Msgs == 0, fmt.Sprintf("%d messages left", info.State.Msgs)
+	})
+}
+
+func (e *env) poll(t testing.TB, what string, cond func() (bool, string)) {
+	t.Helper()
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		ok, state := cond()
+		if ok {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s: %s", what, state)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// inbox returns the messages stored in u's inbox, in stream order.
+func (e *env) inbox(t testing.TB, u schema.UserID) []*jetstream.RawStreamMsg {
+	t.Helper()
+	ctx := context.Background()
+	subj := schema.UserInbox(u)
+	st, err := e.js.Stream(ctx, schema.StreamInbox)
+	if err != nil {
+		t.Fatalf("inbox stream: %v", err)
+	}
+	info, err := st.Info(ctx, jetstream.WithSubjectFilter(subj))
+	if err != nil {
+		t.Fatalf("inbox info: %v", err)
+	}
+	want := int(info.State.Subjects[subj])
+	var out []*jetstream.RawStreamMsg
+	seq := uint64(1)
+	for len(out) < want {
+		it, err := jetstreamext.GetBatch(ctx, e.js, schema.StreamInbox, 100,
+			jetstreamext.GetBatchSeq(seq), jetstreamext.GetBatchSubject(subj))
+		if err != nil {
+			t.Fatalf("get batch: %v", err)
+		}
+		for m, err := range it {
+			if err != nil {
+				t.Fatalf("get batch: %v", err)
+			}
+			out = append(out, m)
+			seq = m.Sequence + 1
+		}
+	}
+	return out
+}
+
+func (e *env) inboxTotal(t testing.TB) uint64 {
+	t.Helper()
+	st, err := e.js.Stream(context.Background(), schema.StreamInbox)
+	if err != nil {
+		t.Fatalf("inbox stream: %v", err)
+	}
+	info, err := st.Info(context.Background())
+	if err != nil {
+		t.Fatalf("inbox info: %v", err)
+	}
+	return info.State.Msgs
+}
+
+func (e *env) waitInbox(t testing.TB, u schema.UserID, n int) []*jetstream.RawStreamMsg {
+	t.Helper()
+	e.poll(t, fmt.Sprintf("%d messages for %s", n, u), func() (bool, string) {
+		got := len(e.inbox(t, u))
+		return got >= n, fmt.Sprintf("%d messages", got)
+	})
+	return e.inbox(t, u)
+}
+
+func decode(t testing.TB, data []byte) *schema.Message {
+	t.Helper()
+	m, err := schema.UnmarshalProto(data)
+	if err != nil {
+		t.Fatalf("decode: %v", err)
+	}
+	return m
+}
+
+// wantNotice checks that raw is an error notice with code about msgID.
+func wantNotice(t testing.TB, raw *jetstream.RawStreamMsg, to, msgID, code string) {
+	t.Helper()
+	n := decode(t, raw.Data)
+	if n.Type != schema.TypeNotification || n.Source != schema.ServerSource || n.Action() != "error" {
+		t.Errorf("notice: type %v source %q action %q, want NOTIFICATION from server with action error", n.Type, n.Source, n.Action())
+	}
+	if n.Destination != to || n.ID != msgID || n.Meta["code"] != code {
+		t.Errorf("notice: to %q id %q code %q, want %q %q %q", n.Destination, n.ID, n.Meta["code"], to, msgID, code)
+	}
+	if n.Ephemeral {
+		t.Error("stored notice is ephemeral")
+	}
+}
+
+// lister is an in-memory MemberLister standing in for the groups service.
+type lister struct {
+	mu     sync.Mutex
+	groups map[schema.GroupID][]schema.UserID
+	fails  int // the next fails calls return a transient error
+	calls  int
+}
+
+func (l *lister) Members(_ context.Context, g schema.GroupID) ([]schema.UserID, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.calls++
+	if l.fails > 0 {
+		l.fails--
+		return nil, errors.New("groups service unavailable")
+	}
+	m, ok := l.groups[g]
+	if !ok {
+		return nil, fmt.Errorf("group %s: %w", g, ErrNoGroup)
+	}
+	return m, nil
+}
+
+func (l *lister) callCount() int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.calls
+}
+
+func users(names ...string) []schema.UserID {
+	out := make([]schema.UserID, len(names))
+	for i, n := range names {
+		out[i] = schema.UserID(n)
+	}
+	return out
+}
+
+func TestNew(t *testing.T) {
+	srv := natstest.Start(t)
+	_, js := srv.JetStream(t)
+	tests := []struct {
+		name    string
+		cfg     Config
+		wantErr bool
+		check   func(t *testing.T, r *Router)
+	}{
+		{name: "defaults", cfg: Config{JS: js}, check: func(t *testing.T, r *Router) {
+			if r.batch != DefaultBatch || r.maxMsg != DefaultMaxMessageBytes || r.repl != DefaultReplicas {
+				t.Errorf("batch %d max %d replicas %d, want defaults", r.batch, r.maxMsg, r.repl)
+			}
+			if r.nc != js.Conn() || r.log == nil {
+				t.Error("nc or logger not defaulted")
+			}
+		}},
+		{name: "explicit", cfg: Config{JS: js, Batch: 8, MaxMessageBytes: 1024, Replicas: 3}, check: func(t *testing.T, r *Router) {
+			if r.batch != 8 || r.maxMsg != 1024 || r.repl != 3 {
+				t.Errorf("batch %d max %d replicas %d, want 8 1024 3", r.batch, r.maxMsg, r.repl)
+			}
+		}},
+		{name: "no jetstream", cfg: Config{}, wantErr: true},
+		{name: "negative batch", cfg: Config{JS: js, Batch: -1}, wantErr: true},
+		{name: "negative size", cfg: Config{JS: js, MaxMessageBytes: -1}, wantErr: true},
+		{name: "negative replicas", cfg: Config{JS: js, Replicas: -1}, wantErr: true},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			r, err := New(tc.cfg)
+			if (err != nil) != tc.wantErr {
+				t.Fatalf("err = %v, want error %v", err, tc.wantErr)
+			}
+			if tc.check != nil {
+				tc.check(t, r)
+			}
+		})
+	}
+}
+
+func TestSetupIdempotent(t *testing.T) {
+	e := newEnv(t, 100, Config{Batch: 16, MaxMessageBytes: 4096})
+	ctx := context.Background()
+	if err := e.r.Setup(ctx); err != nil {
+		t.Fatalf("second setup: %v", err)
+	}
+	st, err := e.js.Stream(ctx, schema.StreamChatIn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := st.CachedInfo().Config
+	if cfg.Retention != jetstream.LimitsPolicy || cfg.MaxAge != maxChatInAge || cfg.Storage != jetstream.FileStorage ||
+		cfg.Duplicates != 2*time.Minute || cfg.MaxMsgSize != 4096 || !slices.Equal(cfg.Subjects, []string{"msg.in.>"}) {
+		t.Errorf("chat_in config: %+v", cfg)
+	}
+	c, err := st.Consumer(ctx, ConsumerName)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cc := c.CachedInfo().Config
+	if cc.AckPolicy != jetstream.AckExplicitPolicy || cc.MaxDeliver != maxDeliver || cc.AckWait != ackWait ||
+		len(cc.BackOff) == 0 || cc.MaxAckPending < 2*16 {
+		t.Errorf("consumer config: %+v", cc)
+	}
+}
+
+func TestRunWithoutSetup(t *testing.T) {
+	srv := natstest.Start(t)
+	_, js := srv.JetStream(t)
+	r, err := New(Config{JS: js})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Run(context.Background()); err == nil {
+		t.Fatal("run without setup succeeded")
+	}
+}
+
+func TestRoute1to1(t *testing.T) {
+	e := newEnv(t, 100, Config{})
+	e.start(t)
+	m := msg("alice", "bob", "m1", schema.ChannelIndividual)
+	sent := e.publishIn(t, m)
+
+	got := e.waitInbox(t, "bob", 1)
+	e.waitChatInEmpty(t)
+	if len(got) != 1 {
+		t.Fatalf("bob has %d messages, want 1", len(got))
+	}
+	if !bytes.Equal(got[0].Data, sent) {
+		t.Errorf("copy differs from the published bytes")
+	}
+	if id := got[0].Header.Get(schema.HeaderMsgID); id != m.ServerID+":bob" {
+		t.Errorf("copy Nats-Msg-Id %q, want %q", id, m.ServerID+":bob")
+	}
+	if n := e.inboxTotal(t); n != 1 {
+		t.Errorf("inbox holds %d messages, want 1", n)
+	}
+}
+
+func TestRouteChannels(t *testing.T) {
+	tests := []struct {
+		name string
+		to   string
+		ch   schema.Channel
+		typ  schema.Type
+	}{
+		{name: "individual", to: "bob", ch: schema.ChannelIndividual, typ: schema.TypeMessage},
+		{name: "other", to: "bot-1", ch: schema.ChannelOther, typ: schema.TypeCustom},
+		{name: "unknown", to: "carol", ch: schema.ChannelUnknown, typ: schema.TypeNotification},
+		{name: "encoded id", to: "+919999999999", ch: schema.ChannelIndividual, typ: schema.TypeMessage},
+	}
+	e := newEnv(t, 100, Config{})
+	e.start(t)
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			m := msg("alice", tc.to, "c-"+tc.name, tc.ch)
+			m.Type = tc.typ
+			sent := e.publishIn(t, m)
+			got := e.waitInbox(t, schema.UserID(tc.to), 1)
+			if !bytes.Equal(got[len(got)-1].Data, sent) {
+				t.Errorf("copy differs from the published bytes")
+			}
+		})
+	}
+}
+
+func TestDedupe(t *testing.T) {
+	t.Run("same chat_in msg id", func(t *testing.T) {
+		e := newEnv(t, 100, Config{})
+		m := msg("alice", "bob", "dup", schema.ChannelIndividual)
+		e.publishIn(t, m)
+		if ack := e.publishRaw(t, "alice", m.ID, m.MarshalProto()); !ack.Duplicate {
+			t.Fatal("second publish was not a duplicate")
+		}
+		e.start(t)
+		e.waitInbox(t, "bob", 1)
+		e.waitChatInEmpty(t)
+		if n := e.inboxTotal(t); n != 1 {
+			t.Errorf("inbox holds %d messages, want 1", n)
+		}
+	})
+
+	t.Run("redelivery after crash", func(t *testing.T) {
+		l := &lister{groups: map[schema.GroupID][]schema.UserID{"g1": users("alice", "bob", "carol", "dave")}}
+		e := newEnv(t, 100, Config{Groups: l})
+		one := msg("alice", "bob", "crash-1", schema.ChannelIndividual)
+		grp := msg("alice", "g1", "crash-2", schema.ChannelGroup)
+		e.publishIn(t, one)
+		e.publishIn(t, grp)
+
+		// A router stores the copies and dies before acking.
+		ctx := context.Background()
+		cons, err := e.js.Consumer(ctx, schema.StreamChatIn, ConsumerName)
+		if err != nil {
+			t.Fatal(err)
+		}
+		fetched, err := cons.Fetch(2, jetstream.FetchMaxWait(5*time.Second))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var batch []jetstream.Msg
+		for jm := range fetched.Messages() {
+			batch = append(batch, jm)
+		}
+		if len(batch) != 2 {
+			t.Fatalf("fetched %d messages, want 2", len(batch))
+		}
+		for _, it := range e.r.storeBatch(ctx, batch) {
+			if it.done || it.failed {
+				t.Fatalf("first attempt: done %v failed %v", it.done, it.failed)
+			}
+		}
+		if n := e.inboxTotal(t); n != 4 {
+			t.Fatalf("after the first attempt the inbox holds %d messages, want 4", n)
+		}
+		// The server redelivers once the ack wait expires; Nak stands in
+		// for the 30 s wait.
+		for _, jm := range batch {
+			if err := jm.Nak(); err != nil {
+				t.Fatal(err)
+			}
+		}
+
+		e.start(t)
+		e.waitChatInEmpty(t)
+		want := map[schema.UserID]int{"bob": 2, "carol": 1, "dave": 1, "alice": 0}
+		for u, n := range want {
+			if got := len(e.inbox(t, u)); got != n {
+				t.Errorf("%s has %d messages, want %d", u, got, n)
+			}
+		}
+		info, err := cons.Info(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if info.NumRedelivered != 0 || info.NumAckPending != 0 || info.Delivered.Consumer < 4 {
+			t.Errorf("consumer: redelivered %d ack pending %d delivered %d, want both messages delivered twice and acked",
+				info.NumRedelivered, info.NumAckPending, info.Delivered.Consumer)
+		}
+	})
+}
+
+func TestGroup(t *testing.T) {
+	l := &lister{groups: map[schema.GroupID][]schema.UserID{
+		"team":  users("alice", "bob", "carol", "bob", "alice", "dave"),
+		"solo":  users("alice"),
+		"other": users("bob", "carol"),
+	}}
+	tests := []struct {
+		name   string
+		from   string
+		group  string
+		want   map[schema.UserID]int // copies of the message per user
+		notice string                // code of the notice to the sender
+	}{
+		{name: "fan-out de-duplicated", from: "alice", group: "team",
+			want: map[schema.UserID]int{"bob": 1, "carol": 1, "dave": 1}},
+		{name: "member alone", from: "alice", group: "solo", want: map[schema.UserID]int{}},
+		{name: "non-member", from: "alice", group: "other", notice: schema.CodeNotMember},
+		{name: "unknown group", from: "alice", group: "nope", notice: schema.CodeUnknownGroup},
+		{name: "invalid group id", from: "alice", group: "a.b", notice: schema.CodeBadTo},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newEnv(t, 100, Config{Groups: l})
+			e.start(t)
+			m := msg(tc.from, tc.group, "g-"+tc.name, schema.ChannelGroup)
+			sent := e.publishIn(t, m)
+			e.waitChatInEmpty(t)
+
+			total := 0
+			for u, n := range tc.want {
+				got := e.inbox(t, u)
+				if len(got) != n {
+					t.Errorf("%s has %d copies, want %d", u, len(got), n)
+				}
+				for _, c := range got {
+					if !bytes.Equal(c.Data, sent) {
+						t.Errorf("%s: copy differs from the published bytes", u)
+					}
+					if d := decode(t, c.Data).Destination; d != tc.group {
+						t.Errorf("%s: destination %q, want the group id", u, d)
+					}
+				}
+				total += n
+			}
+			senderInbox := e.inbox(t, schema.UserID(tc.from))
+			if tc.notice != "" {
+				total++
+				if len(senderInbox) != 1 {
+					t.Fatalf("sender has %d messages, want 1 notice", len(senderInbox))
+				}
+				wantNotice(t, senderInbox[0], tc.from, m.ID, tc.notice)
+			} else if len(senderInbox) != 0 {
+				t.Errorf("sender has %d messages, want none", len(senderInbox))
+			}
+			if n := e.inboxTotal(t); n != uint64(total) {
+				t.Errorf("inbox holds %d messages, want %d", n, total)
+			}
+		})
+	}
+}
+
+func TestGroupWithoutLister(t *testing.T) {
+	e := newEnv(t, 100, Config{})
+	e.start(t)
+	m := msg("alice", "team", "nolister", schema.ChannelGroup)
+	e.publishIn(t, m)
+	got := e.waitInbox(t, "alice", 1)
+	wantNotice(t, got[0], "alice", m.ID, schema.CodeUnknownGroup)
+}
+
+func TestBadDestination(t *testing.T) {
+	e := newEnv(t, 100, Config{})
+	e.start(t)
+	m := msg("alice", "bob.*", "bad", schema.ChannelIndividual)
+	e.publishIn(t, m)
+	got := e.waitInbox(t, "alice", 1)
+	e.waitChatInEmpty(t)
+	wantNotice(t, got[0], "alice", m.ID, schema.CodeBadTo)
+	if n := e.inboxTotal(t); n != 1 {
+		t.Errorf("inbox holds %d messages, want 1", n)
+	}
+}
+
+func TestGroupLookupRetried(t *testing.T) {
+	l := &lister{groups: map[schema.GroupID][]schema.UserID{"team": users("alice", "bob")}, fails: 1}
+	e := newEnv(t, 100, Config{Groups: l})
+	e.start(t)
+	m := msg("alice", "team", "retry", schema.ChannelGroup)
+	sent := e.publishIn(t, m)
+	got := e.waitInbox(t, "bob", 1)
+	e.waitChatInEmpty(t)
+	if !bytes.Equal(got[0].Data, sent) {
+		t.Error("copy differs from the published bytes")
+	}
+	if c := l.callCount(); c != 2 {
+		t.Errorf("lister called %d times, want 2 (one failure, one retry)", c)
+	}
+	if n := len(e.inbox(t, "alice")); n != 0 {
+		t.Errorf("sender got %d messages, want none", n)
+	}
+}
+
+func TestInboxFull(t *testing.T) {
+	l := &lister{groups: map[schema.GroupID][]schema.UserID{"team": users("alice", "bob", "carol")}}
+	e := newEnv(t, 2, Config{Groups: l})
+	// bob's inbox is at its cap.
+	for i := range 2 {
+		if _, err := e.js.Publish(context.Background(), schema.UserInbox("bob"), []byte{byte(i)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	grp := msg("alice", "team", "full-1", schema.ChannelGroup)
+	toBob := msg("dave", "bob", "full-2", schema.ChannelIndividual)
+	toCarol := msg("dave", "carol", "full-3", schema.ChannelIndividual)
+	e.publishIn(t, grp)
+	e.publishIn(t, toBob)
+	sent := e.publishIn(t, toCarol)
+	e.start(t)
+	e.waitChatInEmpty(t)
+
+	carol := e.inbox(t, "carol")
+	if len(carol) != 2 {
+		t.Fatalf("carol has %d messages, want 2", len(carol))
+	}
+	if !bytes.Equal(carol[1].Data, sent) || decode(t, carol[0].Data).ID != grp.ID {
+		t.Error("carol's inbox does not hold the group copy then dave's message")
+	}
+	if n := len(e.inbox(t, "bob")); n != 2 {
+		t.Errorf("bob has %d messages, want his 2 old ones", n)
+	}
+	alice := e.inbox(t, "alice")
+	if len(alice) != 1 {
+		t.Fatalf("alice has %d messages, want 1 notice", len(alice))
+	}
+	wantNotice(t, alice[0], "alice", grp.ID, schema.CodeInboxFull)
+	dave := e.inbox(t, "dave")
+	if len(dave) != 1 {
+		t.Fatalf("dave has %d messages, want 1 notice", len(dave))
+	}
+	wantNotice(t, dave[0], "dave", toBob.ID, schema.CodeInboxFull)
+}
+
+func TestPoisonTerminated(t *testing.T) {
+	e := newEnv(t, 100, Config{})
+	ctx := context.Background()
+	terms, err := e.nc.SubscribeSync("$JS.EVENT.ADVISORY.CONSUMER.MSG_TERMINATED." + schema.StreamChatIn + "." + ConsumerName)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer terms.Unsubscribe()
+	tests := []struct {
+		name string
+		from schema.UserID
+		data []byte
+	}{
+		{name: "undecodable", from: "alice", data: []byte{0xff, 0xff, 0xff}},
+		{name: "source does not match subject", from: "alice",
+			data: msg("mallory", "bob", "spoof", schema.ChannelIndividual).MarshalProto()},
+	}
+	for i, tc := range tests {
+		e.publishRaw(t, tc.from, fmt.Sprintf("poison-%d", i), tc.data)
+	}
+	e.start(t)
+	// A good message after the poison ones is still routed.
+	e.publishIn(t, msg("alice", "bob", "after", schema.ChannelIndividual))
+	e.waitInbox(t, "bob", 1)
+	for range tests {
+		if _, err := terms.NextMsg(10 * time.Second); err != nil {
+			t.Fatalf("terminated advisory: %v", err)
+		}
+	}
+	cons, err := e.js.Consumer(ctx, schema.StreamChatIn, ConsumerName)
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := cons.Info(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.NumRedelivered != 0 || info.NumAckPending != 0 || info.NumPending != 0 || info.Delivered.Consumer != 3 {
+		t.Errorf("consumer: redelivered %d ack pending %d pending %d delivered %d, want 3 single deliveries",
+			info.NumRedelivered, info.NumAckPending, info.NumPending, info.Delivered.Consumer)
+	}
+	if n := e.inboxTotal(t); n != 1 {
+		t.Errorf("inbox holds %d messages, want 1", n)
+	}
+}
+
+func TestClientAckDropped(t *testing.T) {
+	e := newEnv(t, 100, Config{})
+	e.start(t)
+	ack := msg("alice", "bob", "ack-1", schema.ChannelIndividual)
+	ack.Type = schema.TypeClientAck
+	e.publishIn(t, ack)
+	e.publishIn(t, msg("alice", "bob", "after-ack", schema.ChannelIndividual))
+	got := e.waitInbox(t, "bob", 1)
+	e.waitChatInEmpty(t)
+	if len(got) != 1 || decode(t, got[0].Data).ID != "after-ack" {
+		t.Errorf("bob's inbox: %d messages, want only the message after the ack", len(got))
+	}
+}
+
+func TestOrdering(t *testing.T) {
+	const n = 1000
+	e := newEnv(t, 10000, Config{})
+	e.start(t)
+	ids := make([]string, n)
+	for i := range n {
+		ids[i] = fmt.Sprintf("ord-%04d", i)
+		e.publishIn(t, msg("alice", "bob", ids[i], schema.ChannelIndividual))
+	}
+	got := e.waitInbox(t, "bob", n)
+	if len(got) != n {
+		t.Fatalf("bob has %d messages, want %d", len(got), n)
+	}
+	for i, raw := range got {
+		if id := decode(t, raw.Data).ID; id != ids[i] {
+			t.Fatalf("message %d is %s, want %s", i, id, ids[i])
+		}
+	}
+}
+
+func TestEphemeral(t *testing.T) {
+	l := &lister{groups: map[schema.GroupID][]schema.UserID{
+		"team":  users("alice", "bob", "carol"),
+		"other": users("bob", "carol"),
+	}}
+	tests := []struct {
+		name    string
+		to      string
+		ch      schema.Channel
+		chatIn  bool                  // published to CHAT_IN instead of msg.live
+		receive map[schema.UserID]int // 1: must receive, 0: must not
+	}{
+		{name: "live 1:1", to: "bob", ch: schema.ChannelIndividual, receive: map[schema.UserID]int{"bob": 1, "alice": 0}},
+		{name: "live group", to: "team", ch: schema.ChannelGroup, receive: map[schema.UserID]int{"bob": 1, "carol": 1, "alice": 0}},
+		{name: "live group non-member", to: "other", ch: schema.ChannelGroup, receive: map[schema.UserID]int{"bob": 0, "carol": 0}},
+		{name: "chat_in 1:1", to: "bob", ch: schema.ChannelIndividual, chatIn: true, receive: map[schema.UserID]int{"bob": 1}},
+		{name: "chat_in group", to: "team", ch: schema.ChannelGroup, chatIn: true, receive: map[schema.UserID]int{"bob": 1, "carol": 1, "alice": 0}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newEnv(t, 100, Config{Groups: l})
+			subs := map[schema.UserID]*nats.Subscription{}
+			for u := range tc.receive {
+				sub, err := e.nc.SubscribeSync(schema.Deliver(u))
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer sub.Unsubscribe()
+				subs[u] = sub
+			}
+			if err := e.nc.Flush(); err != nil {
+				t.Fatal(err)
+			}
+			e.start(t)
+			e.waitLiveSubscribed(t)
+			m := msg("alice", tc.to, "eph-"+tc.name, tc.ch)
+			m.Ephemeral = true
+			data := m.MarshalProto()
+			if tc.chatIn {
+				e.publishRaw(t, "alice", m.ID, data)
+				e.waitChatInEmpty(t)
+			} else if err := e.nc.Publish(schema.Live("alice"), data); err != nil {
+				t.Fatal(err)
+			}
+			// A marker to each user, routed after m, bounds the wait
+			// for copies that must not arrive.
+			for u := range tc.receive {
+				marker := msg("alice", string(u), "marker", schema.ChannelIndividual)
+				marker.Ephemeral = true
+				if err := e.nc.Publish(schema.Live("alice"), marker.MarshalProto()); err != nil {
+					t.Fatal(err)
+				}
+			}
+			for u, want := range tc.receive {
+				got := 0
+				for {
+					raw, err := subs[u].NextMsg(10 * time.Second)
+					if err != nil {
+						t.Fatalf("%s: %v", u, err)
+					}
+					if bytes.Equal(raw.Data, data) {
+						got++
+						continue
+					}
+					if decode(t, raw.Data).ID == "marker" {
+						break
+					}
+					t.Fatalf("%s received an unexpected message", u)
+				}
+				if got != want {
+					t.Errorf("%s received %d copies, want %d", u, got, want)
+				}
+			}
+			if n := e.inboxTotal(t); n != 0 {
+				t.Errorf("inbox holds %d messages, want 0", n)
+			}
+		})
+	}
+}
+
+// waitLiveSubscribed waits until the router's msg.live.* subscription is
+// registered (Run subscribes asynchronously; a core message published
+// before that is lost, as ephemeral messages may be).
+func (e *env) waitLiveSubscribed(t testing.TB) {
+	t.Helper()
+	e.poll(t, "router subscribed to msg.live.*", func() (bool, string) {
+		sz, err := e.srv.Subsz(&server.SubszOptions{Subscriptions: true, Test: schema.Live("alice")})
+		if err != nil {
+			return false, err.Error()
+		}
+		return len(sz.Subs) > 0, "no subscription"
+	})
+}
+
+func TestRecipients(t *testing.T) {
+	tests := []struct {
+		name    string
+		members []schema.UserID
+		sender  schema.UserID
+		want    []schema.UserID
+		wantErr error
+	}{
+		{name: "all but sender", members: users("a", "b", "c"), sender: "b", want: users("a", "c")},
+		{name: "duplicates removed in order", members: users("c", "a", "c", "b", "a", "a"), sender: "a", want: users("c", "b")},
+		{name: "invalid ids skipped", members: users("a", "x.y", "*", "b"), sender: "a", want: users("b")},
+		{name: "alone", members: users("a"), sender: "a", want: []schema.UserID{}},
+		{name: "not a member", members: users("b", "c"), sender: "a", wantErr: errNotMember},
+		{name: "empty group", members: nil, sender: "a", wantErr: errNotMember},
+		{name: "unknown group", sender: "a", wantErr: errUnknownGroup},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			l := &lister{groups: map[schema.GroupID][]schema.UserID{}}
+			if !errors.Is(tc.wantErr, errUnknownGroup) {
+				l.groups["g"] = tc.members
+			}
+			r := &Router{log: slog.New(slog.DiscardHandler), groups: l}
+			cache := make(groupCache)
+			for range 2 { // the second call is answered from the cache
+				got, err := r.recipients(context.Background(), cache, "g", tc.sender)
+				if !errors.Is(err, tc.wantErr) {
+					t.Fatalf("err = %v, want %v", err, tc.wantErr)
+				}
+				if !slices.Equal(got, tc.want) {
+					t.Errorf("recipients = %v, want %v", got, tc.want)
+				}
+			}
+			if c := l.callCount(); c != 1 {
+				t.Errorf("lister called %d times, want 1", c)
+			}
+		})
+	}
+}
+
+func TestRetryDelay(t *testing.T) {
+	tests := []struct {
+		delivered uint64
+		want      time.Duration
+	}{
+		{0, time.Second}, {1, time.Second}, {2, 2 * time.Second}, {3, 4 * time.Second},
+		{6, 32 * time.Second}, {7, time.Minute}, {8, time.Minute}, {1 << 40, time.Minute},
+	}
+	for _, tc := range tests {
+		t.Run(fmt.Sprint(tc.delivered), func(t *testing.T) {
+			if got := retryDelay(tc.delivered); got != tc.want {
+				t.Errorf("retryDelay(%d) = %v, want %v", tc.delivered, got, tc.want)
+			}
+		})
+	}
+}
