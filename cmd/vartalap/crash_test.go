@@ -118,41 +118,60 @@ func TestCrashLosesNoAckedMessage(t *testing.T) {
 		sent  int
 	)
 	ctx, cancel := context.WithCancel(context.Background())
-	senderDone := make(chan struct{})
-	go func() {
-		defer close(senderDone)
-		n := 0
-		for ctx.Err() == nil {
-			mu.Lock()
-			u := url
-			mu.Unlock()
-			c, err := tryDial(&testServer{URL: u}, "alice", ka, false)
-			if err != nil {
-				time.Sleep(50 * time.Millisecond)
-				continue
-			}
+	// Several senders (alice on several devices), each keeping a window
+	// of messages in flight, so kills land in the middle of busy batches.
+	const senders, window = 4, 32
+	senderKeys := []string{ka}
+	for d := 2; d <= senders; d++ {
+		senderKeys = append(senderKeys, login(t, s, "alice", fmt.Sprintf("d%d", d)))
+	}
+	var senderWG sync.WaitGroup
+	for si, key := range senderKeys {
+		senderWG.Add(1)
+		go func() {
+			defer senderWG.Done()
+			n := 0
 			for ctx.Err() == nil {
-				id := fmt.Sprintf("c%06d", n)
-				msg := fmt.Sprintf(`{"_v":2.1,"id":%q,"head":{"type":"INDIVIDUAL","to":"bob","contentType":"text"},"body":{"text":"crash"}}`, id)
-				if err := c.conn.WriteMessage(websocket.TextMessage, []byte(msg)); err != nil {
-					break
-				}
 				mu.Lock()
-				sent++
+				u := url
 				mu.Unlock()
-				n++
-				if !waitAck(c, id, 3*time.Second) {
-					break
+				c, err := tryDial(&testServer{URL: u}, "alice", key, false)
+				if err != nil {
+					time.Sleep(50 * time.Millisecond)
+					continue
 				}
-				mu.Lock()
-				acked[id] = true
-				mu.Unlock()
+				for ctx.Err() == nil {
+					ids := make([]string, 0, window)
+					for range window {
+						id := fmt.Sprintf("s%d-%06d", si, n)
+						n++
+						msg := fmt.Sprintf(`{"_v":2.1,"id":%q,"head":{"type":"INDIVIDUAL","to":"bob","contentType":"text"},"body":{"text":"crash"}}`, id)
+						if err := c.conn.WriteMessage(websocket.TextMessage, []byte(msg)); err != nil {
+							break
+						}
+						ids = append(ids, id)
+					}
+					mu.Lock()
+					sent += len(ids)
+					mu.Unlock()
+					got := waitAcks(c, ids, 3*time.Second)
+					mu.Lock()
+					for _, id := range got {
+						acked[id] = true
+					}
+					mu.Unlock()
+					if len(got) < len(ids) {
+						break // connection lost mid-window
+					}
+				}
+				c.Close()
 			}
-			c.Close()
-		}
-	}()
+		}()
+	}
+	senderDone := make(chan struct{})
+	go func() { senderWG.Wait(); close(senderDone) }()
 
-	const kills = 6
+	const kills = 10
 	for k := range kills {
 		time.Sleep(time.Duration(400+rand.IntN(800)) * time.Millisecond)
 		srv.kill9()
@@ -227,23 +246,31 @@ func TestCrashLosesNoAckedMessage(t *testing.T) {
 	}
 }
 
-// waitAck waits for the SERVER_ACK of id on c.
-func waitAck(c *client, id string, d time.Duration) bool {
+// waitAcks waits up to d for the SERVER_ACKs of ids on c and returns the
+// ids acknowledged.
+func waitAcks(c *client, ids []string, d time.Duration) []string {
+	want := make(map[string]bool, len(ids))
+	for _, id := range ids {
+		want[id] = true
+	}
+	var got []string
 	deadline := time.After(d)
-	for {
+	for len(got) < len(ids) {
 		select {
 		case f := <-c.in:
 			if f.binary {
 				continue
 			}
 			m, err := decodeRendered(f.data)
-			if err == nil && m.Type == schema.TypeServerAck && m.ID == id {
-				return true
+			if err == nil && m.Type == schema.TypeServerAck && want[m.ID] {
+				delete(want, m.ID)
+				got = append(got, m.ID)
 			}
 		case <-c.done:
-			return false
+			return got
 		case <-deadline:
-			return false
+			return got
 		}
 	}
+	return got
 }
