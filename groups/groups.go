@@ -100,6 +100,7 @@ type Service struct {
 	replicas   int
 	now        func() time.Time
 	stripes    [lockStripes]chan struct{} // per-group change locks, see mutate
+	members    memberCache                // Members results by meta revision
 }
 
 // New returns a Service for cfg, with defaults filled in. Setup must be

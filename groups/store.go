@@ -11,6 +11,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -470,12 +471,71 @@ func (s *Service) lockGroup(ctx context.Context, gid schema.GroupID) (func(), er
 // Members returns the members of group g in join order, or ErrNotFound
 // (wrapped) when it does not exist. It implements the router's
 // MemberLister: one multi_last Direct Get, no consumer.
+//
+// The router calls it for every group message, so member lists are cached
+// per group under the revision of the group's meta key: every membership
+// change rewrites that key in the same atomic batch, so a cached list whose
+// revision still matches is the current one. A call then costs one Direct
+// Get of the meta key instead of reading every member key.
 func (s *Service) Members(ctx context.Context, g schema.GroupID) ([]schema.UserID, error) {
+	if !g.Valid() {
+		return nil, fmt.Errorf("members of %s: %w", g, ErrNotFound)
+	}
+	meta, err := s.lastMsgs(ctx, kvPrefix+metaKey(g))
+	if err != nil {
+		return nil, fmt.Errorf("members of %s: %w", g, err)
+	}
+	if len(meta) == 1 && !isMarker(meta[0].Header) {
+		if users, ok := s.members.get(g, meta[0].Sequence); ok {
+			return users, nil
+		}
+	}
 	grp, err := s.load(ctx, g)
 	if err != nil {
 		return nil, fmt.Errorf("members of %s: %w", g, err)
 	}
-	return grp.usernames(), nil
+	users := grp.usernames()
+	s.members.put(g, grp.metaRev, users)
+	return slices.Clone(users), nil
+}
+
+// memberCache maps a group to its member list at one meta revision.
+type memberCache struct {
+	mu sync.Mutex
+	m  map[schema.GroupID]cachedMembers
+}
+
+type cachedMembers struct {
+	rev   uint64
+	users []schema.UserID
+}
+
+// memberCacheSize bounds the cache; when full, an arbitrary entry goes.
+const memberCacheSize = 4096
+
+func (c *memberCache) get(g schema.GroupID, rev uint64) ([]schema.UserID, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	e, ok := c.m[g]
+	if !ok || e.rev != rev {
+		return nil, false
+	}
+	return slices.Clone(e.users), true
+}
+
+func (c *memberCache) put(g schema.GroupID, rev uint64, users []schema.UserID) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.m == nil {
+		c.m = make(map[schema.GroupID]cachedMembers)
+	}
+	if _, ok := c.m[g]; !ok && len(c.m) >= memberCacheSize {
+		for k := range c.m {
+			delete(c.m, k)
+			break
+		}
+	}
+	c.m[g] = cachedMembers{rev: rev, users: users}
 }
 
 // createGroup stores a new group. members must be valid, de-duplicated and

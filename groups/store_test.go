@@ -368,3 +368,34 @@ func BenchmarkMembers1000(b *testing.B) {
 		}
 	}
 }
+
+// TestMembersCacheFollowsChanges: the cached member list is never stale,
+// also when another process (a peer Service) changes the group.
+func TestMembersCacheFollowsChanges(t *testing.T) {
+	e := newEnv(t, Config{})
+	peer := e.peer()
+	gid := e.create("alice", "g", "bob")
+	check := func(want ...schema.UserID) {
+		t.Helper()
+		for range 2 { // the second call is served from the cache
+			got, err := e.svc.Members(t.Context(), gid)
+			if err != nil || !slices.Equal(got, want) {
+				t.Fatalf("members %v, %v; want %v", got, err, want)
+			}
+		}
+	}
+	check("alice", "bob")
+	if _, _, err := peer.addMembers(t.Context(), "alice", gid, []schema.UserID{"carol"}); err != nil {
+		t.Fatal(err)
+	}
+	check("alice", "bob", "carol")
+	e.mustDo("DELETE", "/groups/"+string(gid)+"/members", "alice", map[string]any{"member": "bob"}, 200, nil)
+	check("alice", "carol")
+	got, _ := e.svc.Members(t.Context(), gid)
+	got[0] = "mallory" // callers may not corrupt the cache
+	check("alice", "carol")
+	e.mustDo("DELETE", "/groups/"+string(gid), "alice", nil, 200, nil)
+	if _, err := e.svc.Members(t.Context(), gid); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("deleted group: %v", err)
+	}
+}
