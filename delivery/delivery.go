@@ -96,6 +96,7 @@ type Service struct {
 	dropSweep     time.Duration // how often subscriptions are checked for dropped messages
 	opTimeout     time.Duration // timeout of one NATS operation
 	closeTimeout  time.Duration // bound on a session's final flush
+	purgeEvery    time.Duration // how often a running session purges acked mail
 	maxAckPending int           // acks queued for a session before extra ones are dropped
 
 	assets atomic.Pointer[assets]
@@ -187,6 +188,7 @@ func New(cfg Config) (*Service, error) {
 		dropSweep:     2 * time.Second,
 		opTimeout:     10 * time.Second,
 		closeTimeout:  5 * time.Second,
+		purgeEvery:    10 * time.Second,
 		maxAckPending: 4 * cfg.MaxInFlight,
 		users:         make(map[schema.UserID]*userSubs),
 		bySubj:        make(map[string]*userSubs),
@@ -254,13 +256,7 @@ func (s *Service) Setup(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("create stream %s: %w", schema.StreamInbox, err)
 	}
-	cursors, err := s.js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
-		Bucket:      schema.BucketCursors,
-		Description: "per-user device ack cursors (owned by delivery)",
-		History:     1,
-		Storage:     jetstream.FileStorage,
-		Replicas:    s.cfg.Replicas,
-	})
+	cursors, err := s.cursorBucket(ctx)
 	if err != nil {
 		return fmt.Errorf("create bucket %s: %w", schema.BucketCursors, err)
 	}
@@ -671,4 +667,44 @@ func (s *Service) PublishEphemeral(ctx context.Context, to schema.UserID, m *sch
 		return fmt.Errorf("publish ephemeral to %s: %w", subj, err)
 	}
 	return nil
+}
+
+// cursorBucket creates (or binds) the cursors bucket. Its stream is made
+// here rather than by CreateKeyValue so that a single-replica deployment can
+// use PersistMode async for it: cursor writes are the most frequent writes
+// of a busy server, and with sync: always each would be an fsync of its own.
+// Losing the last cursor writes to an OS crash only re-delivers messages a
+// device had acked (at-least-once; clients de-duplicate by id); no message is
+// lost, because the INBOX itself stays fsynced and purges follow cursors.
+// The persist mode cannot change after creation, so an existing bucket is
+// bound as it is.
+func (s *Service) cursorBucket(ctx context.Context) (jetstream.KeyValue, error) {
+	if kv, err := s.js.KeyValue(ctx, schema.BucketCursors); err == nil {
+		return kv, nil
+	} else if !errors.Is(err, jetstream.ErrBucketNotFound) {
+		return nil, err
+	}
+	cfg := jetstream.StreamConfig{
+		Name:              "KV_" + schema.BucketCursors,
+		Description:       "per-user device ack cursors (owned by delivery)",
+		Subjects:          []string{"$KV." + schema.BucketCursors + ".>"},
+		MaxMsgsPerSubject: 1,
+		MaxMsgs:           -1,
+		MaxBytes:          -1,
+		MaxConsumers:      -1,
+		Discard:           jetstream.DiscardNew,
+		AllowRollup:       true,
+		DenyDelete:        true,
+		AllowDirect:       true,
+		Duplicates:        2 * time.Minute,
+		Storage:           jetstream.FileStorage,
+		Replicas:          s.cfg.Replicas,
+	}
+	if s.cfg.Replicas <= 1 {
+		cfg.PersistMode = jetstream.AsyncPersistMode
+	}
+	if _, err := s.js.CreateStream(ctx, cfg); err != nil && !errors.Is(err, jetstream.ErrStreamNameAlreadyInUse) {
+		return nil, err
+	}
+	return s.js.KeyValue(ctx, schema.BucketCursors)
 }

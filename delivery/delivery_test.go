@@ -386,7 +386,7 @@ func TestStaleReplaceKickIgnored(t *testing.T) {
 }
 
 func TestPurgeAfterAllDevicesAck(t *testing.T) {
-	e := newEnv(t, Config{CursorFlush: 10 * time.Millisecond}, nil)
+	e := newEnv(t, Config{CursorFlush: 10 * time.Millisecond}, func(s *Service) { s.purgeEvery = 10 * time.Millisecond })
 	other := e.publishN(t, "carol", "c", 2)
 	a, b := &testSink{}, &testSink{}
 	sa := e.open(t, "bob", "phone", a)

@@ -60,6 +60,7 @@ type Session struct {
 	dirty     bool                // cursor changed since the last flush
 	forgotten bool                // the device's cursor was dropped (logout)
 	lastFlush time.Time
+	lastPurge time.Time
 	retryAt   time.Time // after a read error: when to read again
 	backoff   time.Duration
 	timer     *time.Timer
@@ -219,7 +220,7 @@ func (ss *Session) step() bool {
 		}
 	}
 	if ss.dirty && !now.Before(ss.lastFlush.Add(ss.s.cfg.CursorFlush)) {
-		ss.flush(ss.ctx)
+		ss.flush(ss.ctx, false)
 	}
 	return true
 }
@@ -505,8 +506,10 @@ func (ss *Session) cursor() *deviceCursor {
 
 // flush writes the cursor, merging what other writers (a REST ack, an
 // overlapping session on another node) recorded, then purges what every
-// device has acked.
-func (ss *Session) flush(ctx context.Context) {
+// device has acked: at the session's end, and while it runs at most every
+// Service.purgeEvery, 10s (a purge is an fsynced write; one per flush of every busy
+// session cost more than the flushes themselves).
+func (ss *Session) flush(ctx context.Context, final bool) {
 	ss.lastFlush = time.Now()
 	if ss.forgotten {
 		ss.dirty = false
@@ -540,6 +543,10 @@ func (ss *Session) flush(ctx context.Context) {
 		return
 	}
 	ss.adopt(merged)
+	if !final && time.Since(ss.lastPurge) < ss.s.purgeEvery {
+		return
+	}
+	ss.lastPurge = time.Now()
 	if err := ss.s.maybePurge(ctx, a, ss.user, doc); err != nil {
 		ss.s.log.Warn("inbox purge", "user", ss.user, "err", err)
 	}
@@ -593,7 +600,7 @@ func (ss *Session) finish() {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ss.ctx), ss.s.closeTimeout)
 	defer cancel()
 	if ss.dirty {
-		ss.flush(ctx)
+		ss.flush(ctx, true)
 	}
 	if a, err := ss.s.getAssets(); err == nil {
 		if err := ss.s.presenceRemove(ctx, a, ss); err != nil {

@@ -172,11 +172,12 @@ func newEnv(t testing.TB, opts ...envOpt) *env {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
 		s, err := js.CreateStream(ctx, jetstream.StreamConfig{
-			Name:       schema.StreamChatIn,
-			Subjects:   []string{schema.SubjectChatInAll},
-			Retention:  jetstream.WorkQueuePolicy,
-			Storage:    jetstream.FileStorage,
-			Duplicates: 2 * time.Minute,
+			Name:               schema.StreamChatIn,
+			Subjects:           []string{schema.SubjectChatInAll},
+			Retention:          jetstream.LimitsPolicy,
+			Storage:            jetstream.FileStorage,
+			Duplicates:         2 * time.Minute,
+			AllowAtomicPublish: true,
 		})
 		if err != nil {
 			t.Fatalf("create stream: %v", err)

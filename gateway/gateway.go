@@ -119,6 +119,7 @@ type Gateway struct {
 	hardLimit int64
 	burst     int
 	origins   []string
+	commit    *committer // group commit of CHAT_IN publishes
 
 	connSeq atomic.Uint64
 
@@ -177,6 +178,7 @@ func New(cfg Config) (*Gateway, error) {
 		hardLimit: max(4*int64(cfg.MaxFrameBytes), 1<<20),
 		burst:     max(1, int(math.Ceil(2*cfg.RatePerSecond))),
 		conns:     make(map[*conn]struct{}),
+		commit:    newCommitter(cfg.JS, cfg.Logger, cfg.PublishTimeout),
 	}
 	for _, o := range cfg.AllowedOrigins {
 		g.origins = append(g.origins, strings.ToLower(strings.TrimRight(o, "/")))
@@ -279,6 +281,7 @@ func (g *Gateway) Shutdown(ctx context.Context) error {
 	}()
 	select {
 	case <-done:
+		g.commit.close()
 		return nil
 	case <-ctx.Done():
 		// The waiter goroutine ends once the remaining loops end; their

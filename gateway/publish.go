@@ -6,7 +6,6 @@ import (
 	"fmt"
 
 	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/vartalap/vartalap/schema"
 )
@@ -44,18 +43,16 @@ func (g *Gateway) publish(ctx context.Context, user schema.UserID, device schema
 	}
 	ctx, cancel := context.WithTimeout(ctx, g.cfg.PublishTimeout)
 	defer cancel()
-	if _, err := g.cfg.JS.PublishMsg(ctx, msg); err != nil {
-		return fmt.Errorf("publish %s: %w", msg.Subject, err)
-	}
-	return nil
+	return g.commit.publish(ctx, msg)
 }
 
-// publishAll publishes msgs concurrently (async JetStream publishes, core
-// publishes for ephemeral ones) and waits for every PubAck, so a batch
-// costs about one round trip. errs[i] is the outcome of msgs[i].
+// publishAll publishes msgs (core publishes for ephemeral ones, the group
+// committer for the rest) and waits for every PubAck, so a batch costs
+// about one commit. errs[i] is the outcome of msgs[i].
 func (g *Gateway) publishAll(ctx context.Context, user schema.UserID, device schema.DeviceID, msgs []*schema.Message) []error {
 	errs := make([]error, len(msgs))
-	futures := make([]jetstream.PubAckFuture, len(msgs))
+	var stored []*nats.Msg
+	var idx []int
 	for i, m := range msgs {
 		msg := busMsg(user, device, m)
 		if m.Ephemeral {
@@ -64,26 +61,13 @@ func (g *Gateway) publishAll(ctx context.Context, user schema.UserID, device sch
 			}
 			continue
 		}
-		f, err := g.cfg.JS.PublishMsgAsync(msg)
-		if err != nil {
-			errs[i] = fmt.Errorf("publish async %s: %w", msg.Subject, err)
-			continue
-		}
-		futures[i] = f
+		stored = append(stored, msg)
+		idx = append(idx, i)
 	}
 	ctx, cancel := context.WithTimeout(ctx, g.cfg.PublishTimeout)
 	defer cancel()
-	for i, f := range futures {
-		if f == nil {
-			continue
-		}
-		select {
-		case <-f.Ok():
-		case err := <-f.Err():
-			errs[i] = fmt.Errorf("publish %s: %w", f.Msg().Subject, err)
-		case <-ctx.Done():
-			errs[i] = fmt.Errorf("publish %s: %w", f.Msg().Subject, errPublishTimeout)
-		}
+	for j, err := range g.commit.publishAll(ctx, stored) {
+		errs[idx[j]] = err
 	}
 	return errs
 }

@@ -152,10 +152,12 @@ func (r *Router) Setup(ctx context.Context) error {
 		Subjects:    []string{schema.SubjectChatInAll},
 		Retention:   jetstream.LimitsPolicy, // routed messages are purged in bulk (purgeRouted)
 		MaxAge:      maxChatInAge,
-		Storage:     jetstream.FileStorage,
-		Duplicates:  2 * time.Minute,
-		MaxMsgSize:  r.maxMsg,
-		Replicas:    r.repl,
+		// The gateways group-commit client messages as atomic batches.
+		AllowAtomicPublish: true,
+		Storage:            jetstream.FileStorage,
+		Duplicates:         2 * time.Minute,
+		MaxMsgSize:         r.maxMsg,
+		Replicas:           r.repl,
 	})
 	if err != nil {
 		return fmt.Errorf("create stream %s: %w", schema.StreamChatIn, err)
