@@ -650,22 +650,47 @@ func (b *bencher) group(ctx context.Context, lo, hi int) error {
 }
 
 func (b *bencher) createGroup(ctx context.Context, owner *session, members []string) (string, error) {
-	body, _ := json.Marshal(map[string]any{"name": "bench", "members": members})
-	req, _ := http.NewRequestWithContext(ctx, "POST", b.c.URL+"/v1.0/groups/", bytes.NewReader(body))
-	req.Header.Set("user", owner.user)
-	req.Header.Set("accesskey", owner.key)
-	resp, err := b.http.Do(req)
-	if err != nil {
-		return "", err
-	}
-	defer resp.Body.Close()
+	// The API takes at most 256 usernames per request: create with the
+	// first ones, then add the rest in chunks.
+	const chunk = 256
+	first := members[:min(chunk-1, len(members))]
 	var gr struct {
 		GroupID string `json:"groupId"`
 	}
-	if err := json.NewDecoder(resp.Body).Decode(&gr); err != nil || gr.GroupID == "" {
-		return "", fmt.Errorf("create group: status %d", resp.StatusCode)
+	if err := b.groupCall(ctx, owner, "POST", "/v1.0/groups/", map[string]any{"name": "bench", "members": first}, &gr); err != nil {
+		return "", err
+	}
+	if gr.GroupID == "" {
+		return "", errors.New("create group: no groupId")
+	}
+	for rest := members[len(first):]; len(rest) > 0; {
+		n := min(chunk, len(rest))
+		if err := b.groupCall(ctx, owner, "POST", "/v1.0/groups/"+gr.GroupID+"/members", map[string]any{"members": rest[:n]}, nil); err != nil {
+			return "", err
+		}
+		rest = rest[n:]
 	}
 	return gr.GroupID, nil
+}
+
+func (b *bencher) groupCall(ctx context.Context, s *session, method, path string, body, out any) error {
+	data, _ := json.Marshal(body)
+	req, _ := http.NewRequestWithContext(ctx, method, b.c.URL+path, bytes.NewReader(data))
+	req.Header.Set("user", s.user)
+	req.Header.Set("accesskey", s.key)
+	resp, err := b.http.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != 200 {
+		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
+		return fmt.Errorf("%s %s: status %d: %s", method, path, resp.StatusCode, msg)
+	}
+	if out != nil {
+		return json.NewDecoder(resp.Body).Decode(out)
+	}
+	return nil
 }
 
 // restSend posts messages (JSON strings) as `from` in batches of 100.
