@@ -226,10 +226,11 @@ func build(ctx context.Context, c *serveConfig, nc *nats.Conn, js jetstream.JetS
 	if c.has("gateway") {
 		g, err := gateway.New(gateway.Config{
 			JS: js, NC: nc, Logger: log.With("service", "gateway"),
-			Auth:     authn,
-			Delivery: deliveryAdapter{a.delivery},
-			Ready:    a.ready,
-			Static:   webclient.FS(),
+			Auth:          authn,
+			Delivery:      deliveryAdapter{a.delivery},
+			Ready:         a.ready,
+			Static:        webclient.FS(),
+			RatePerSecond: c.WSRate,
 		})
 		if err != nil {
 			return nil, fmt.Errorf("gateway: %w", err)
