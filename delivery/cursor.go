@@ -9,7 +9,6 @@ import (
 	"slices"
 
 	"github.com/nats-io/nats.go/jetstream"
-	"github.com/synadia-io/orbit.go/jetstreamext"
 
 	"github.com/vartalap/vartalap/schema"
 )
@@ -70,10 +69,6 @@ const (
 )
 
 const casAttempts = 32
-
-// headerNumPending is set on batched Direct Get responses: how many matching
-// messages follow (as of the request).
-const headerNumPending = "Nats-Num-Pending"
 
 // cas reads key as JSON into a fresh T, lets fn change it and writes it back
 // with compare-and-set on the revision, retrying on conflicts. A value that
@@ -293,51 +288,4 @@ func (s *Service) AckByID(ctx context.Context, user schema.UserID, device schema
 		ss.Ack(ids...)
 	}
 	return s.maybePurge(ctx, a, user, doc)
-}
-
-// scan reads the INBOX messages on subj with seq >= from in order, batch at a
-// time, calling fn for each until fn returns false. It reports whether the
-// end of the stream was reached.
-func (s *Service) scan(ctx context.Context, subj string, from uint64, batch int, fn func(*jetstream.RawStreamMsg) bool) (end bool, err error) {
-	batch = max(1, min(batch, 1000))
-	for {
-		bctx, cancel := context.WithTimeout(ctx, s.opTimeout)
-		it, err := jetstreamext.GetBatch(bctx, s.js, schema.StreamInbox, batch,
-			jetstreamext.GetBatchSeq(from), jetstreamext.GetBatchSubject(subj))
-		if err != nil {
-			cancel()
-			return false, fmt.Errorf("read %s from %d: %w", subj, from, err)
-		}
-		n, pending, stopped := 0, "", false
-		for m, ierr := range it {
-			if ierr != nil {
-				err = ierr
-				break
-			}
-			n++
-			from = m.Sequence + 1
-			pending = m.Header.Get(headerNumPending)
-			if !fn(m) {
-				stopped = true
-				break
-			}
-		}
-		cancel()
-		switch {
-		case errors.Is(err, jetstreamext.ErrNoMessages):
-			return true, nil
-		case err != nil:
-			return false, fmt.Errorf("read %s from %d: %w", subj, from, err)
-		case stopped:
-			return false, nil
-		case n == 0:
-			// The iterator ends silently on a timeout.
-			if cerr := ctx.Err(); cerr != nil {
-				return false, cerr
-			}
-			return false, fmt.Errorf("read %s from %d: %w", subj, from, context.DeadlineExceeded)
-		case pending == "0":
-			return true, nil
-		}
-	}
 }

@@ -645,7 +645,7 @@ func (s *Service) Open(ctx context.Context, user schema.UserID, device schema.De
 	}
 	ss.init(cur)
 	started = true
-	go ss.run()
+	ss.start()
 	return ss, nil
 }
 

@@ -69,11 +69,17 @@
 //
 // # Concurrency
 //
-// Each session runs in one goroutine owned by the Service (started by Open,
-// joined by Run on exit) that does catch-up, live delivery, acks, timers and
-// flushes; Ack and Close only signal it. Timers are armed only while
-// something is in flight, dirty or being retried, so an idle session costs a
-// parked goroutine and a few hundred bytes. The dispatcher never blocks on a
-// session. All exported methods are safe for concurrent use. Sink methods
+// Each session's state is owned by its worker goroutine, which does
+// catch-up, live delivery, acks, timers and flushes and exists only while
+// there is work: a signal (a live message from the dispatcher, acks, a
+// close, a due timer) starts it unless it runs, it exits when nothing is
+// pending, and at most one runs per session. Ack and Close only signal it.
+// The Service owns the workers: Open starts the first, and Run joins the
+// sessions on exit (it closes them all; the last worker of a session runs
+// its final flush). Timers are armed only while something is in flight,
+// dirty or being retried, so an idle session costs no goroutine and a few
+// hundred bytes (its buffers are dropped when its worker exits). Inbox reads
+// are batched Direct Gets whose replies land on a channel sized for one
+// batch. The dispatcher never blocks on a session. All exported methods are safe for concurrent use. Sink methods
 // are called from the session goroutine and must not block or call Close.
 package delivery

@@ -17,7 +17,7 @@ import (
 )
 
 // Sink is the connection a session writes to (implemented by the gateway).
-// Both methods are called from the session's goroutine.
+// Both methods are called from the session's worker goroutine (one at a time).
 type Sink interface {
 	// Deliver enqueues one message without blocking; false means the
 	// outbound queue is full (a slow consumer).
@@ -28,8 +28,11 @@ type Sink interface {
 	Close(code int, reason string)
 }
 
-// Session delivers one user's inbox to one device connection. All its state
-// is owned by one goroutine; Ack and Close only signal it.
+// Session delivers one user's inbox to one device connection. Its state is
+// owned by its worker goroutine, which exists only while there is work: a
+// signal (a live message, acks, a close, a due timer) starts it unless it
+// runs, and it exits when nothing is pending, so an idle session costs no
+// goroutine. At most one worker runs at a time; Ack and Close only signal it.
 type Session struct {
 	s       *Service
 	id      string
@@ -39,7 +42,6 @@ type Session struct {
 	sink    Sink
 	ctx     context.Context // Run's context
 	done    chan struct{}
-	wake    chan struct{}
 	rev     atomic.Uint64 // revision of this session's presence write
 
 	mu          sync.Mutex
@@ -50,8 +52,12 @@ type Session struct {
 	closing     bool
 	closeCode   int
 	closeReason string
+	ready       bool // Open has loaded the cursor: the worker may start
+	woken       bool // work is pending for the worker
+	working     bool // the worker goroutine runs
+	finished    bool // the last worker has finished: start no other
 
-	// Owned by the session goroutine.
+	// Owned by the worker goroutine (one at a time; handed over under mu).
 	floor     uint64              // every seq <= floor is acked by the device
 	next      uint64              // highest seq handed to the sink (or skipped as acked)
 	acked     map[uint64]struct{} // acked seqs above floor
@@ -61,9 +67,10 @@ type Session struct {
 	forgotten bool                // the device's cursor was dropped (logout)
 	lastFlush time.Time
 	lastPurge time.Time
+	purgeDue  bool      // a flush skipped its purge (too soon after the last): purge at lastPurge+purgeEvery
 	retryAt   time.Time // after a read error: when to read again
 	backoff   time.Duration
-	timer     *time.Timer
+	timer     *time.Timer // signals the worker when the next redelivery, flush or retry is due
 	spareQ    []*nats.Msg
 	spareAcks []string
 }
@@ -83,7 +90,6 @@ func newSession(s *Service, user schema.UserID, device schema.DeviceID, sink Sin
 		subject: schema.UserInbox(user),
 		sink:    sink,
 		done:    make(chan struct{}),
-		wake:    make(chan struct{}, 1),
 	}
 }
 
@@ -105,11 +111,31 @@ func (ss *Session) init(c deviceCursor) {
 	ss.lastFlush = time.Now()
 }
 
+// signal marks work pending and starts the worker unless it runs.
 func (ss *Session) signal() {
-	select {
-	case ss.wake <- struct{}{}:
-	default:
+	ss.mu.Lock()
+	ss.woken = true
+	ss.startLocked()
+	ss.mu.Unlock()
+}
+
+// startLocked starts the worker if work is pending, none runs, Open is done
+// and the session has not finished.
+func (ss *Session) startLocked() {
+	if !ss.woken || ss.working || !ss.ready || ss.finished {
+		return
 	}
+	ss.working = true
+	go ss.run()
+}
+
+// start lets the worker run (called once by Open after init) and starts it
+// for the catch-up.
+func (ss *Session) start() {
+	ss.mu.Lock()
+	ss.ready, ss.woken = true, true
+	ss.startLocked()
+	ss.mu.Unlock()
 }
 
 // push queues a live message (called by the dispatcher; never blocks).
@@ -168,18 +194,26 @@ func (ss *Session) terminate(code int, reason string) {
 	ss.signal()
 }
 
+// run is the worker: it steps while work is pending and exits when there is
+// none (the timer or the next signal starts a new one), or runs finish when
+// the session ends. Run's shutdown terminates every session, so the worker
+// does not watch Run's context.
 func (ss *Session) run() {
-	defer ss.finish()
-	ss.timer = time.NewTimer(time.Hour)
-	ss.timer.Stop()
-	for ss.step() {
-		ss.arm()
-		select {
-		case <-ss.wake:
-		case <-ss.timer.C:
-		case <-ss.ctx.Done():
-			ss.terminate(CloseGoingAway, "server shutting down")
+	for {
+		ss.mu.Lock()
+		if !ss.woken {
+			ss.working = false
+			ss.trimLocked()
+			ss.mu.Unlock()
+			return
 		}
+		ss.woken = false
+		ss.mu.Unlock()
+		if !ss.step() {
+			ss.finish()
+			return
+		}
+		ss.arm()
 	}
 }
 
@@ -222,7 +256,28 @@ func (ss *Session) step() bool {
 	if ss.dirty && !now.Before(ss.lastFlush.Add(ss.s.cfg.CursorFlush)) {
 		ss.flush(ss.ctx, false)
 	}
+	if ss.purgeDue && !ss.dirty && !now.Before(ss.lastPurge.Add(ss.s.purgeEvery)) {
+		ss.deferredPurge(ss.ctx)
+	}
 	return true
+}
+
+// trimLocked drops the buffers an idle session does not need (they keep
+// the capacity of the last burst otherwise). Called by the exiting worker.
+func (ss *Session) trimLocked() {
+	if len(ss.inq) == 0 {
+		ss.inq = nil
+	}
+	if len(ss.acks) == 0 {
+		ss.acks = nil
+	}
+	ss.spareQ, ss.spareAcks = nil, nil
+	if len(ss.flight) == 0 {
+		ss.flight = nil
+	}
+	if len(ss.acked) == 0 {
+		ss.acked = nil
+	}
 }
 
 // refill reports whether the window has room enough for a stream read: it
@@ -251,11 +306,19 @@ func (ss *Session) arm() {
 	if ss.behind && !ss.retryAt.IsZero() {
 		earlier(ss.retryAt)
 	}
-	if due.IsZero() {
-		ss.timer.Stop()
-		return
+	if ss.purgeDue && !ss.dirty {
+		earlier(ss.lastPurge.Add(ss.s.purgeEvery))
 	}
-	ss.timer.Reset(time.Until(due))
+	switch {
+	case due.IsZero():
+		if ss.timer != nil {
+			ss.timer.Stop()
+		}
+	case ss.timer == nil:
+		ss.timer = time.AfterFunc(time.Until(due), ss.signal)
+	default:
+		ss.timer.Reset(time.Until(due))
+	}
 }
 
 // oldest returns the index of the in-flight message sent longest ago.
@@ -507,8 +570,10 @@ func (ss *Session) cursor() *deviceCursor {
 // flush writes the cursor, merging what other writers (a REST ack, an
 // overlapping session on another node) recorded, then purges what every
 // device has acked: at the session's end, and while it runs at most every
-// Service.purgeEvery, 10s (a purge is an fsynced write; one per flush of every busy
-// session cost more than the flushes themselves).
+// Service.purgeEvery, 10s (a purge is an fsynced write; one per flush of
+// every busy session cost more than the flushes themselves). A purge skipped
+// for that reason runs when purgeEvery has passed (deferredPurge), so the
+// last acks of a burst are purged too.
 func (ss *Session) flush(ctx context.Context, final bool) {
 	ss.lastFlush = time.Now()
 	if ss.forgotten {
@@ -544,12 +609,35 @@ func (ss *Session) flush(ctx context.Context, final bool) {
 	}
 	ss.adopt(merged)
 	if !final && time.Since(ss.lastPurge) < ss.s.purgeEvery {
+		ss.purgeDue = true // else nothing would purge what this flush recorded
 		return
 	}
-	ss.lastPurge = time.Now()
+	ss.purge(ctx, a, doc)
+}
+
+// purge removes what every device has acked, as of doc.
+func (ss *Session) purge(ctx context.Context, a *assets, doc *cursorDoc) {
+	ss.lastPurge, ss.purgeDue = time.Now(), false
 	if err := ss.s.maybePurge(ctx, a, ss.user, doc); err != nil {
 		ss.s.log.Warn("inbox purge", "user", ss.user, "err", err)
 	}
+}
+
+// deferredPurge runs the purge a flush skipped, on the current cursors.
+func (ss *Session) deferredPurge(ctx context.Context) {
+	a, err := ss.s.getAssets()
+	if err != nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(ctx, ss.s.opTimeout)
+	defer cancel()
+	doc, _, err := cas(ctx, ss.s.log, a.cursors, schema.Token(ss.user), func(*cursorDoc, bool) casOp { return casNone })
+	if err != nil {
+		ss.lastPurge = time.Now() // retry after purgeEvery
+		ss.s.log.Warn("inbox purge", "user", ss.user, "err", err)
+		return
+	}
+	ss.purge(ctx, a, doc)
 }
 
 // adopt applies acks recorded by others to the session.
@@ -579,11 +667,11 @@ func (ss *Session) adopt(c *deviceCursor) {
 	ss.advance()
 }
 
-// finish runs when the session goroutine ends: close the sink if asked,
+// finish runs in the last worker when the session ends: close the sink if asked,
 // flush the cursor, deregister.
 func (ss *Session) finish() {
 	ss.mu.Lock()
-	ss.closing = true
+	ss.closing, ss.finished = true, true
 	code, reason := ss.closeCode, ss.closeReason
 	acks := ss.acks
 	ss.inq, ss.acks = nil, nil
@@ -599,8 +687,11 @@ func (ss *Session) finish() {
 	}
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ss.ctx), ss.s.closeTimeout)
 	defer cancel()
-	if ss.dirty {
+	switch {
+	case ss.dirty:
 		ss.flush(ctx, true)
+	case ss.purgeDue:
+		ss.deferredPurge(ctx)
 	}
 	if a, err := ss.s.getAssets(); err == nil {
 		if err := ss.s.presenceRemove(ctx, a, ss); err != nil {

@@ -55,40 +55,44 @@ func newCommitter(js jetstream.JetStream, log *slog.Logger, timeout time.Duratio
 // publish stores msg in CHAT_IN and returns once it is acknowledged (a
 // duplicate counts as stored) or ctx ends.
 func (c *committer) publish(ctx context.Context, msg *nats.Msg) error {
-	req := &pubReq{msg: msg, err: make(chan error, 1)}
+	return c.publishAll(ctx, []*nats.Msg{msg})[0]
+}
+
+// publishAll queues msgs in order (so they are stored in that order), then
+// waits for all of them. errs[i] is the outcome of msgs[i].
+func (c *committer) publishAll(ctx context.Context, msgs []*nats.Msg) []error {
+	errs := make([]error, len(msgs))
+	reqs := make([]pubReq, len(msgs))
 	c.mu.Lock()
 	if c.closed {
 		c.mu.Unlock()
-		return c.single(ctx, msg)
+		for i, m := range msgs {
+			errs[i] = c.single(ctx, m)
+		}
+		return errs
 	}
 	if !c.started {
 		c.started = true
 		go c.loop()
 	}
-	c.queue = append(c.queue, req)
+	for i, m := range msgs {
+		reqs[i] = pubReq{msg: m, err: make(chan error, 1)}
+		c.queue = append(c.queue, &reqs[i])
+	}
 	c.mu.Unlock()
 	select {
 	case c.wake <- struct{}{}:
 	default:
 	}
-	select {
-	case err := <-req.err:
-		return err
-	case <-ctx.Done():
-		// It may still be stored; the client's resend with the same id
-		// is then de-duplicated.
-		return fmt.Errorf("publish %s: %w", msg.Subject, errPublishTimeout)
+	for i := range reqs {
+		select {
+		case errs[i] = <-reqs[i].err:
+		case <-ctx.Done():
+			// It may still be stored; the client's resend with the same
+			// id is then de-duplicated.
+			errs[i] = fmt.Errorf("publish %s: %w", msgs[i].Subject, errPublishTimeout)
+		}
 	}
-}
-
-// publishAll queues every message, then waits for all of them.
-func (c *committer) publishAll(ctx context.Context, msgs []*nats.Msg) []error {
-	errs := make([]error, len(msgs))
-	var wg sync.WaitGroup
-	for i, m := range msgs {
-		wg.Go(func() { errs[i] = c.publish(ctx, m) })
-	}
-	wg.Wait()
 	return errs
 }
 

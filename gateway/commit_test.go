@@ -84,3 +84,61 @@ func TestCommitterAfterClose(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// publishAll stores a request's messages in the order given, also when they
+// share a commit with other publishers and when the committer is closed.
+func TestCommitterPublishAllKeepsOrder(t *testing.T) {
+	for _, closed := range []bool{false, true} {
+		t.Run(fmt.Sprintf("closed=%v", closed), func(t *testing.T) {
+			e := newEnv(t)
+			c := newCommitter(e.js, e.g.log, e.g.cfg.PublishTimeout)
+			defer c.close()
+			if closed {
+				c.close()
+			}
+			const n = 60
+			msgs := make([]*nats.Msg, n)
+			for i := range msgs {
+				msgs[i] = &nats.Msg{Subject: schema.ChatIn("alice"), Header: nats.Header{}, Data: fmt.Appendf(nil, "m%d", i)}
+				msgs[i].Header.Set(schema.HeaderMsgID, fmt.Sprintf("alice:m%d", i))
+			}
+			var wg sync.WaitGroup
+			wg.Go(func() { // a concurrent publisher shares the commits
+				for i := range 20 {
+					m := &nats.Msg{Subject: schema.ChatIn("bob"), Header: nats.Header{}, Data: []byte("x")}
+					m.Header.Set(schema.HeaderMsgID, fmt.Sprintf("bob:x%d", i))
+					if err := c.publish(context.Background(), m); err != nil {
+						t.Error(err)
+					}
+				}
+			})
+			for i, err := range c.publishAll(context.Background(), msgs) {
+				if err != nil {
+					t.Fatalf("message %d: %v", i, err)
+				}
+			}
+			wg.Wait()
+			info, err := e.stream.Info(context.Background())
+			if err != nil {
+				t.Fatal(err)
+			}
+			next := 0
+			for seq := uint64(1); seq <= info.State.LastSeq; seq++ {
+				raw, err := e.stream.GetMsg(context.Background(), seq)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if raw.Subject != schema.ChatIn("alice") {
+					continue
+				}
+				if want := fmt.Sprintf("m%d", next); string(raw.Data) != want {
+					t.Fatalf("seq %d holds %s, want %s", seq, raw.Data, want)
+				}
+				next++
+			}
+			if next != n {
+				t.Fatalf("%d of %d messages stored", next, n)
+			}
+		})
+	}
+}

@@ -47,14 +47,22 @@
 //
 // # Concurrency
 //
-// Each socket has exactly two goroutines: the HTTP handler goroutine runs the
-// read loop (decode, validate, publish, one frame at a time, so messages of a
-// connection are published in order) and one write loop that it starts and
-// joins. The outbound queue is bounded (OutboundQueue frames): Sink.Deliver
-// never blocks and returns false when the queue is full (a slow consumer; the
-// delivery service then closes the socket, and the inbox still holds the
-// messages). Frames produced by the read loop (pong, acks, error notices)
-// wait for room instead, which stops reading from a client that does not
-// read. Server pings every PingInterval; a socket silent for 2.5×PingInterval
-// is dropped. Shutdown closes every socket with 1001 and waits for the loops.
+// Each socket has one goroutine while idle: its read loop (decode, validate,
+// publish, one frame at a time, so messages of a connection are published
+// in order), owned by the Gateway (Shutdown joins it); the HTTP handler
+// returns right after the upgrade, so the server's per-request state is
+// freed. A write goroutine exists only while there is something to write
+// (a delivered message, a reply of the read loop, a due ping, a close): it
+// is started on demand, exits when the queue is empty, at most one runs,
+// and the read goroutine joins it before it ends. Pings come from a timer.
+// An idle socket therefore holds one goroutine, its 1 KiB read buffer and
+// no queue or write buffer (write buffers come from a pool per message).
+// The outbound queue is bounded (OutboundQueue frames queued or being
+// written): Sink.Deliver never blocks and returns false when it is full (a
+// slow consumer; the delivery service then closes the socket, and the inbox
+// still holds the messages). Frames produced by the read loop (pong, acks,
+// error notices) wait for room instead, which stops reading from a client
+// that does not read. Server pings every PingInterval; a socket silent for
+// 2.5×PingInterval is dropped. Shutdown closes every socket with 1001 and
+// waits for the loops.
 package gateway

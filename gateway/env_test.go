@@ -51,6 +51,7 @@ type memDeliverer struct {
 	sessions []*memSession
 	restAcks []restAck
 	openErr  error
+	onOpen   func(Sink) // called by Open before it returns (before the upgrade)
 }
 
 type restAck struct {
@@ -77,6 +78,9 @@ func (d *memDeliverer) Open(_ context.Context, user schema.UserID, device schema
 	}
 	s := &memSession{user: user, device: device, sink: sink}
 	d.sessions = append(d.sessions, s)
+	if d.onOpen != nil {
+		d.onOpen(sink)
+	}
 	return s, nil
 }
 

@@ -106,6 +106,10 @@ const (
 	DefaultMaxRESTMessages = 100
 )
 
+// readBufferSize is the per-socket read buffer. Small, because every idle
+// socket holds it; larger frames are read through it in pieces.
+const readBufferSize = 1024
+
 // errShuttingDown refuses new sockets once Shutdown started (the client
 // gets 503).
 var errShuttingDown = errors.New("gateway shutting down")
@@ -120,6 +124,11 @@ type Gateway struct {
 	burst     int
 	origins   []string
 	commit    *committer // group commit of CHAT_IN publishes
+
+	// ctx is the context of the socket goroutines (they outlive their HTTP
+	// requests); Shutdown cancels it.
+	ctx    context.Context
+	cancel context.CancelFunc
 
 	connSeq atomic.Uint64
 
@@ -180,12 +189,15 @@ func New(cfg Config) (*Gateway, error) {
 		conns:     make(map[*conn]struct{}),
 		commit:    newCommitter(cfg.JS, cfg.Logger, cfg.PublishTimeout),
 	}
+	g.ctx, g.cancel = context.WithCancel(context.Background())
 	for _, o := range cfg.AllowedOrigins {
 		g.origins = append(g.origins, strings.ToLower(strings.TrimRight(o, "/")))
 	}
 	g.upgrader = websocket.Upgrader{
-		HandshakeTimeout:  cfg.WriteTimeout,
-		ReadBufferSize:    4096,
+		HandshakeTimeout: cfg.WriteTimeout,
+		// An idle socket holds only its read buffer: write buffers come
+		// from the pool for the duration of one message.
+		ReadBufferSize:    readBufferSize,
 		WriteBufferSize:   4096,
 		WriteBufferPool:   &sync.Pool{},
 		CheckOrigin:       g.checkOrigin,
@@ -281,11 +293,14 @@ func (g *Gateway) Shutdown(ctx context.Context) error {
 	}()
 	select {
 	case <-done:
+		g.cancel()
 		g.commit.close()
 		return nil
 	case <-ctx.Done():
-		// The waiter goroutine ends once the remaining loops end; their
+		// Abort what the remaining sockets wait for (publishes, session
+		// opens). The waiter goroutine ends once their loops end; their
 		// read deadlines bound that.
+		g.cancel()
 		return fmt.Errorf("gateway shutdown: %w", ctx.Err())
 	}
 }

@@ -27,28 +27,41 @@ type frame struct {
 	data []byte
 }
 
-// conn is one WebSocket connection. The HTTP handler goroutine runs its read
-// loop; one write loop goroutine, joined by the handler, owns every data
-// write. Deliver and Close (the Sink) may be called from any goroutine.
+// conn is one WebSocket connection. One goroutine owned by the Gateway runs
+// its read loop (the HTTP handler returns right after the upgrade, so the
+// server's per-connection state is freed). A write goroutine exists only
+// while there is something to write: Deliver, the read loop's replies, the
+// ping timer and Close start it, it exits when the queue is empty, and the
+// read goroutine joins it. At most one runs at a time and it owns every data
+// write. An idle connection holds no queue, no write buffer (the upgrader's
+// pool) and one goroutine. Deliver and Close (the Sink) may be called from
+// any goroutine.
 type conn struct {
 	g       *Gateway
-	ws      *websocket.Conn // set once, before the write loop starts
+	ws      *websocket.Conn // set once, before the read loop starts
 	id      string
 	user    schema.UserID
 	device  schema.DeviceID
-	binary  bool // server frames are protobuf (format=binary), else JSON text
-	ack     bool // SERVER_ACK for every accepted message (ack=true)
-	log     *slog.Logger
-	limiter *rate.Limiter
+	binary  bool          // server frames are protobuf (format=binary), else JSON text
+	ack     bool          // SERVER_ACK for every accepted message (ack=true)
+	limiter *rate.Limiter // made by the read loop on the first message
 	sess    Session
+	ping    *time.Timer   // marks a ping due every PingInterval
+	done    chan struct{} // closed when the read loop has ended
+	writers sync.WaitGroup
 
-	out         chan frame    // bounded outbound queue
-	closeOnce   sync.Once     // guards closeCode, closeReason, closeReq
-	closeReq    chan struct{} // closed by Close: the write loop sends the close frame
+	mu          sync.Mutex
+	room        sync.Cond // on mu: signalled when the queue shrinks or the connection is closing
+	q           []frame   // outbound queue; nil while idle
+	pending     int       // frames queued or being written, at most OutboundQueue
+	started     bool      // the read loop runs: writers may start
+	writing     bool      // a write goroutine is running
+	pingDue     bool
+	closeReq    bool // Close was called: the writer sends the close frame
 	closeCode   int
 	closeReason string
-	done        chan struct{} // closed when the read loop has ended
-	writerDone  chan struct{} // closed when the write loop has ended
+	broken      bool // a write failed; the socket is closed
+	readDone    bool // the read loop has ended: start no writer
 }
 
 // Deliver implements Sink: render m for this connection and enqueue it
@@ -57,36 +70,39 @@ func (c *conn) Deliver(m *schema.Message) bool {
 	if c.closing() {
 		return false
 	}
-	select {
-	case c.out <- c.render(m):
-		return true
-	default:
+	f := c.render(m)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closingLocked() || c.pending >= c.g.cfg.OutboundQueue {
 		return false
 	}
+	c.enqueueLocked(f)
+	return true
 }
 
-// Close implements Sink: ask the write loop to close the socket with code
-// and reason. Non-blocking; only the first call counts.
+// Close implements Sink: ask the writer to close the socket with code and
+// reason. Non-blocking; only the first call counts.
 func (c *conn) Close(code int, reason string) {
-	c.closeOnce.Do(func() {
-		if len(reason) > maxCloseReason {
-			reason = reason[:maxCloseReason]
-		}
-		c.closeCode, c.closeReason = code, reason
-		close(c.closeReq)
-	})
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closeReq {
+		return
+	}
+	if len(reason) > maxCloseReason {
+		reason = reason[:maxCloseReason]
+	}
+	c.closeReq, c.closeCode, c.closeReason = true, code, reason
+	c.room.Broadcast()
+	c.startWriterLocked()
 }
 
 func (c *conn) closing() bool {
-	select {
-	case <-c.closeReq:
-		return true
-	case <-c.done:
-		return true
-	default:
-		return false
-	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.closingLocked()
 }
+
+func (c *conn) closingLocked() bool { return c.closeReq || c.readDone || c.broken }
 
 func (c *conn) render(m *schema.Message) frame {
 	if c.binary {
@@ -99,18 +115,50 @@ func (c *conn) render(m *schema.Message) frame {
 // notice). It waits for room: a client that does not read its acks stops
 // being read (backpressure) until the write timeout closes it.
 func (c *conn) send(f frame) bool {
-	select {
-	case c.out <- f:
-		return true
-	case <-c.closeReq:
-		return false
-	case <-c.writerDone:
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for c.pending >= c.g.cfg.OutboundQueue && !c.closingLocked() {
+		c.room.Wait()
+	}
+	if c.closingLocked() {
 		return false
 	}
+	c.enqueueLocked(f)
+	return true
 }
 
-// serveWS authenticates, opens the delivery session, upgrades and runs the
-// connection until it ends.
+func (c *conn) enqueueLocked(f frame) {
+	c.q = append(c.q, f)
+	c.pending++
+	c.startWriterLocked()
+}
+
+// startWriterLocked starts the write goroutine unless one runs, the read
+// loop has not started (frames queued before the upgrade wait for it) or it
+// has ended (it joins the writers and must not see new ones).
+func (c *conn) startWriterLocked() {
+	if !c.started || c.writing || c.readDone || c.broken {
+		return
+	}
+	c.writing = true
+	c.writers.Add(1)
+	go c.writeLoop()
+}
+
+// pingTick runs on the ping timer: it marks a ping due and re-arms.
+func (c *conn) pingTick() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.readDone || c.broken {
+		return
+	}
+	c.pingDue = true
+	c.startWriterLocked()
+	c.ping.Reset(c.g.cfg.PingInterval)
+}
+
+// serveWS authenticates, opens the delivery session, upgrades and hands the
+// connection to a goroutine owned by the Gateway.
 func (g *Gateway) serveWS(w http.ResponseWriter, r *http.Request) {
 	if !websocket.IsWebSocketUpgrade(r) {
 		api.WriteError(w, http.StatusBadRequest, api.CodeBadRequest, "websocket upgrade required")
@@ -127,45 +175,49 @@ func (g *Gateway) serveWS(w http.ResponseWriter, r *http.Request) {
 	}
 	q := r.URL.Query()
 	c := &conn{
-		g:          g,
-		id:         "c" + strconv.FormatUint(g.connSeq.Add(1), 10),
-		user:       id.User,
-		device:     id.Device,
-		binary:     q.Get("format") == "binary",
-		ack:        q.Get("ack") == "true",
-		limiter:    rate.NewLimiter(rate.Limit(g.cfg.RatePerSecond), g.burst),
-		out:        make(chan frame, g.cfg.OutboundQueue),
-		closeReq:   make(chan struct{}),
-		done:       make(chan struct{}),
-		writerDone: make(chan struct{}),
+		g:      g,
+		id:     "c" + strconv.FormatUint(g.connSeq.Add(1), 10),
+		user:   id.User,
+		device: id.Device,
+		binary: q.Get("format") == "binary",
+		ack:    q.Get("ack") == "true",
+		done:   make(chan struct{}),
 	}
-	c.log = g.log.With("conn_id", c.id, "user", string(c.user), "device", string(c.device))
+	c.room.L = &c.mu
 	if err := g.register(c); err != nil {
 		api.WriteError(w, http.StatusServiceUnavailable, api.CodeUnavailable, "server shutting down")
 		return
 	}
-	defer g.unregister(c)
-
-	ctx, cancel := context.WithCancel(r.Context())
-	defer cancel()
-	sess, err := g.cfg.Delivery.Open(ctx, c.user, c.device, c)
+	sess, err := g.cfg.Delivery.Open(g.ctx, c.user, c.device, c)
 	if err != nil {
-		c.log.Error("open delivery session", "err", err)
+		g.unregister(c)
+		c.logger().Error("open delivery session", "err", err)
 		api.WriteError(w, http.StatusServiceUnavailable, api.CodeUnavailable, "delivery unavailable")
 		return
 	}
 	c.sess = sess
 	ws, err := g.upgrader.Upgrade(w, r, nil)
 	if err != nil {
+		g.unregister(c)
 		sess.Close()
-		c.log.Info("websocket upgrade failed", "err", err)
+		c.logger().Info("websocket upgrade failed", "err", err)
 		return
 	}
 	c.ws = ws
-	c.run(ctx, r)
+	remote, origin := r.RemoteAddr, r.Header.Get("Origin")
+	go func() {
+		defer g.unregister(c)
+		c.run(g.ctx, remote, origin)
+	}()
 }
 
-func (c *conn) run(ctx context.Context, r *http.Request) {
+// logger returns the connection's logger. It is built on use, not kept: an
+// idle connection logs nothing.
+func (c *conn) logger() *slog.Logger {
+	return c.g.log.With("conn_id", c.id, "user", string(c.user), "device", string(c.device))
+}
+
+func (c *conn) run(ctx context.Context, remote, origin string) {
 	start := time.Now()
 	readWait := c.g.cfg.PingInterval * 5 / 2
 	c.ws.SetReadLimit(c.g.hardLimit)
@@ -186,61 +238,99 @@ func (c *conn) run(ctx context.Context, r *http.Request) {
 	if c.binary {
 		format = "binary"
 	}
-	c.log.Info("connected", "remote", r.RemoteAddr, "origin", r.Header.Get("Origin"), "format", format, "ack", c.ack)
+	c.logger().Info("connected", "remote", remote, "origin", origin, "format", format, "ack", c.ack)
 
-	go c.writeLoop()
+	c.mu.Lock()
+	c.ping = time.AfterFunc(c.g.cfg.PingInterval, c.pingTick)
+	c.started = true
+	if c.closeReq || len(c.q) > 0 {
+		c.startWriterLocked()
+	}
+	c.mu.Unlock()
 	reason := c.readLoop(ctx, readWait)
+	c.mu.Lock()
+	c.readDone = true
+	c.room.Broadcast()
+	c.ping.Stop()
+	c.mu.Unlock()
 	close(c.done)
-	<-c.writerDone
+	c.writers.Wait()
 	_ = c.ws.Close()
 	c.sess.Close()
-	c.log.Info("disconnected", "reason", reason, "duration", time.Since(start).Round(time.Millisecond))
+	c.logger().Info("disconnected", "reason", reason, "duration", time.Since(start).Round(time.Millisecond))
 }
 
-// writeLoop writes queued frames and pings; on a close request it sends the
-// close frame and gives the peer WriteTimeout to answer before dropping the
-// TCP connection. Any write error drops the connection, which ends the read
+// writeLoop writes queued frames and due pings until there is nothing left
+// to write; a close request wins over queued frames: it sends the close
+// frame and gives the peer WriteTimeout to answer before dropping the TCP
+// connection. Any write error drops the connection, which ends the read
 // loop.
 func (c *conn) writeLoop() {
-	defer close(c.writerDone)
+	defer c.writers.Done()
 	wt := c.g.cfg.WriteTimeout
-	ping := time.NewTicker(c.g.cfg.PingInterval)
-	defer ping.Stop()
+	var batch []frame
 	for {
-		select { // a close request wins over queued frames
-		case <-c.closeReq:
+		c.mu.Lock()
+		switch {
+		case c.closeReq:
+			c.q, c.pending, c.writing = nil, 0, false
+			c.mu.Unlock()
 			c.writeClose()
 			return
-		case <-c.done:
+		case c.readDone || c.broken:
+			c.q, c.pending, c.writing = nil, 0, false
+			c.mu.Unlock()
 			return
-		default:
+		case c.pingDue:
+			c.pingDue = false
+			c.mu.Unlock()
+			if err := c.ws.WriteControl(websocket.PingMessage, nil, time.Now().Add(wt)); err != nil {
+				c.logger().Info("ping failed", "err", err)
+				c.fail()
+			}
+			continue
+		case len(c.q) == 0:
+			c.q, c.writing = nil, false // idle: hold no queue
+			c.mu.Unlock()
+			return
 		}
-		select {
-		case f := <-c.out:
+		batch, c.q = c.q, batch[:0]
+		c.mu.Unlock()
+		for i, f := range batch {
+			batch[i] = frame{}
 			_ = c.ws.SetWriteDeadline(time.Now().Add(wt))
 			if err := c.ws.WriteMessage(f.typ, f.data); err != nil {
-				c.log.Info("write failed", "err", err)
-				_ = c.ws.Close()
-				return
+				c.logger().Info("write failed", "err", err)
+				c.fail()
+				break
 			}
-		case <-ping.C:
-			if err := c.ws.WriteControl(websocket.PingMessage, nil, time.Now().Add(wt)); err != nil {
-				c.log.Info("ping failed", "err", err)
-				_ = c.ws.Close()
-				return
+			c.mu.Lock()
+			c.pending--
+			c.room.Signal()
+			closeReq := c.closeReq
+			c.mu.Unlock()
+			if closeReq {
+				break
 			}
-		case <-c.closeReq:
-			c.writeClose()
-			return
-		case <-c.done:
-			return
 		}
 	}
 }
 
+// fail marks the connection broken after a write error and closes the
+// socket, which ends the read loop.
+func (c *conn) fail() {
+	c.mu.Lock()
+	c.broken = true
+	c.room.Broadcast()
+	c.mu.Unlock()
+	_ = c.ws.Close()
+}
+
 func (c *conn) writeClose() {
 	wt := c.g.cfg.WriteTimeout
+	c.mu.Lock()
 	msg := websocket.FormatCloseMessage(c.closeCode, c.closeReason)
+	c.mu.Unlock()
 	if err := c.ws.WriteControl(websocket.CloseMessage, msg, time.Now().Add(wt)); err != nil {
 		_ = c.ws.Close()
 		return
@@ -289,7 +379,7 @@ func (c *conn) readEnd(err error) string {
 	case errors.As(err, &ce):
 		return "closed " + strconv.Itoa(ce.Code)
 	case errors.Is(err, websocket.ErrReadLimit):
-		c.log.Info("frame over hard limit, closed with 1009", "limit", c.g.hardLimit)
+		c.logger().Info("frame over hard limit, closed with 1009", "limit", c.g.hardLimit)
 		return "frame over hard limit"
 	case errors.As(err, &ne) && ne.Timeout():
 		return "read timeout"
@@ -327,13 +417,16 @@ func (c *conn) handleFrame(ctx context.Context, typ int, data []byte) {
 		c.sess.Ack(m.ID)
 		return
 	}
+	if c.limiter == nil {
+		c.limiter = rate.NewLimiter(rate.Limit(c.g.cfg.RatePerSecond), c.g.burst)
+	}
 	if !c.limiter.Allow() {
 		c.reject(m.ID, schema.CodeRateLimited, "too many messages; slow down and resend")
 		return
 	}
 	m.Stamp(c.user, newServerID(), nowMs())
 	if err := c.g.publish(ctx, c.user, c.device, m); err != nil {
-		c.log.Warn("publish failed", "msg_id", m.ID, "err", err)
+		c.logger().Warn("publish failed", "msg_id", m.ID, "err", err)
 		c.reject(m.ID, schema.CodeUnavailable, "message not stored; resend it")
 		return
 	}
@@ -345,7 +438,7 @@ func (c *conn) handleFrame(ctx context.Context, typ int, data []byte) {
 // reject sends an error notice naming the message id (when known); the
 // socket stays open.
 func (c *conn) reject(id, code, reason string) {
-	c.log.Info("message rejected", "code", code, "msg_id", id)
+	c.logger().Info("message rejected", "code", code, "msg_id", id)
 	c.send(c.render(schema.ErrorNotice(c.user, id, code, reason, nowMs())))
 }
 

@@ -1,0 +1,92 @@
+package delivery
+
+import (
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/vartalap/vartalap/schema"
+)
+
+// TestScan reads a user's inbox across batches, from any position, stopping
+// early, without another user's messages.
+func TestScan(t *testing.T) {
+	e := newEnv(t, Config{}, nil)
+	var seqs []uint64
+	for i := range 7 {
+		seqs = append(seqs, e.publish(t, "bob", "b"+string(rune('1'+i))))
+		e.publish(t, "carol", "c"+string(rune('1'+i))) // interleaved, never read
+	}
+	cases := []struct {
+		name    string
+		from    uint64
+		batch   int
+		stopAt  int // fn returns false after this many; 0 = never
+		want    []uint64
+		wantEnd bool
+	}{
+		{"all in one batch", 1, 256, 0, seqs, true},
+		{"several batches", 1, 3, 0, seqs, true},
+		{"batch of one", 1, 1, 0, seqs, true},
+		{"from the middle", seqs[3], 2, 0, seqs[3:], true},
+		{"from between two", seqs[3] + 1, 2, 0, seqs[4:], true},
+		{"past the end", seqs[6] + 1, 3, 0, nil, true},
+		{"stopped early", 1, 3, 4, seqs[:4], false},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			var got []uint64
+			end, err := e.svc.scan(t.Context(), schema.UserInbox("bob"), tc.from, tc.batch, func(m *jetstream.RawStreamMsg) bool {
+				got = append(got, m.Sequence)
+				if msg, err := schema.UnmarshalProto(m.Data); err != nil || msg.Destination != "bob" {
+					t.Errorf("seq %d: %v, destination %q", m.Sequence, err, msg.Destination)
+				}
+				return tc.stopAt == 0 || len(got) < tc.stopAt
+			})
+			if err != nil {
+				t.Fatalf("scan: %v", err)
+			}
+			if !slices.Equal(got, tc.want) || end != tc.wantEnd {
+				t.Fatalf("got %v end=%v, want %v end=%v", got, end, tc.want, tc.wantEnd)
+			}
+		})
+	}
+}
+
+// isWorking reports whether the session's worker goroutine runs.
+func (ss *Session) isWorking() bool {
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
+	return ss.working
+}
+
+// An idle session has no goroutine; live messages, acks and the timers
+// (redelivery, cursor flush) start one, and it exits again.
+func TestIdleSessionHasNoWorker(t *testing.T) {
+	e := newEnv(t, Config{AckTimeout: 100 * time.Millisecond, CursorFlush: 20 * time.Millisecond}, nil)
+	e.publish(t, "bob", "old")
+	k := &testSink{}
+	ss := e.open(t, "bob", "phone", k)
+	waitIDs(t, k, []string{"old"})
+	// Nothing acked: the redelivery timer wakes a worker while none runs.
+	waitFor(t, "redelivery by timer", func() bool { return k.count("old") >= 2 })
+	ss.Ack("old")
+	seq := e.publish(t, "bob", "live")
+	waitFor(t, "live message", func() bool { return k.count("live") == 1 })
+	ss.Ack("live")
+	// The flush timer writes the cursor with no worker waiting for it.
+	waitFor(t, "cursor flushed", func() bool {
+		c := e.cursorOf(t, "bob").Devices["phone"]
+		return c != nil && c.Floor >= seq
+	})
+	waitFor(t, "worker gone", func() bool { return !ss.isWorking() })
+	ss.mu.Lock()
+	held := ss.inq != nil || ss.acks != nil || ss.flight != nil || ss.acked != nil || ss.spareQ != nil
+	ss.mu.Unlock()
+	if held {
+		t.Fatal("idle session holds buffers")
+	}
+	ss.Close()
+}
