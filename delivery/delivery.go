@@ -188,7 +188,7 @@ func New(cfg Config) (*Service, error) {
 		dropSweep:     2 * time.Second,
 		opTimeout:     10 * time.Second,
 		closeTimeout:  5 * time.Second,
-		purgeEvery:    10 * time.Second,
+		purgeEvery:    time.Minute,
 		maxAckPending: 4 * cfg.MaxInFlight,
 		users:         make(map[schema.UserID]*userSubs),
 		bySubj:        make(map[string]*userSubs),
