@@ -56,6 +56,7 @@ type fakeDevices struct {
 	removed   []removal
 	removeErr error
 	gate      chan struct{}
+	calls     int // Devices calls
 }
 
 func (d *fakeDevices) set(u schema.UserID, devs ...Device) {
@@ -80,6 +81,7 @@ func (d *fakeDevices) Devices(ctx context.Context, u schema.UserID) ([]Device, e
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	d.calls++
 	return slices.Clone(d.devs[u]), nil
 }
 

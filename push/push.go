@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -167,6 +168,56 @@ type Service struct {
 
 	deadMu sync.Mutex
 	dead   map[string]struct{} // tokens reported invalid
+
+	devMu    sync.Mutex
+	devCache map[schema.UserID]cachedDevices // recent Devices answers
+}
+
+// cachedDevices is a user's devices as the profile service listed them.
+type cachedDevices struct {
+	devs []Device
+	at   time.Time
+}
+
+// Device lists are cached briefly: every stored message is looked up, and a
+// 1,000-member group message is 999 lookups. A token registered at login is
+// therefore used at most devicesTTL later; a token FCM rejects is dropped at
+// once (isDead).
+const (
+	devicesTTL       = 5 * time.Second
+	devicesCacheSize = 100_000
+)
+
+// userDevices returns user's devices, from the cache when fresh.
+func (s *Service) userDevices(ctx context.Context, user schema.UserID) ([]Device, error) {
+	now := time.Now()
+	s.devMu.Lock()
+	if e, ok := s.devCache[user]; ok && now.Sub(e.at) < devicesTTL {
+		s.devMu.Unlock()
+		return slices.Clone(e.devs), nil
+	}
+	s.devMu.Unlock()
+	devs, err := s.devices.Devices(ctx, user)
+	if err != nil {
+		return nil, err
+	}
+	s.devMu.Lock()
+	if s.devCache == nil {
+		s.devCache = make(map[schema.UserID]cachedDevices)
+	}
+	if len(s.devCache) >= devicesCacheSize {
+		for k, e := range s.devCache {
+			if now.Sub(e.at) >= devicesTTL {
+				delete(s.devCache, k)
+			}
+		}
+		if len(s.devCache) >= devicesCacheSize {
+			clear(s.devCache)
+		}
+	}
+	s.devCache[user] = cachedDevices{devs: slices.Clone(devs), at: now}
+	s.devMu.Unlock()
+	return devs, nil
 }
 
 // New returns a Service for cfg, with defaults filled in.

@@ -553,3 +553,29 @@ type writerFunc func([]byte) (int, error)
 func (f writerFunc) Write(p []byte) (int, error) { return f(p) }
 
 var _ io.Writer = writerFunc(nil)
+
+// Device lists are cached for devicesTTL: a burst of lookups for one user
+// asks the profile service once, and the answer is not shared between users.
+func TestDevicesCache(t *testing.T) {
+	devs := &fakeDevices{}
+	devs.set("bob", Device{ID: "d1", Token: "t1"})
+	devs.set("carol", Device{ID: "d2", Token: "t2"})
+	s := &Service{devices: devs}
+	for range 50 {
+		got, err := s.userDevices(t.Context(), "bob")
+		if err != nil || len(got) != 1 || got[0].Token != "t1" {
+			t.Fatalf("bob: %v %v", got, err)
+		}
+	}
+	got, err := s.userDevices(t.Context(), "carol")
+	if err != nil || len(got) != 1 || got[0].Token != "t2" {
+		t.Fatalf("carol: %v %v", got, err)
+	}
+	if devs.calls != 2 {
+		t.Fatalf("%d Devices calls, want 2", devs.calls)
+	}
+	got[0].Token = "changed" // callers may not corrupt the cache
+	if again, _ := s.userDevices(t.Context(), "carol"); again[0].Token != "t2" {
+		t.Fatalf("cache corrupted: %v", again)
+	}
+}

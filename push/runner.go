@@ -140,7 +140,7 @@ func (r *runner) targets(ctx context.Context, log *slog.Logger, m jetstream.Msg,
 
 	lctx, cancel := context.WithTimeout(ctx, opTimeout)
 	defer cancel()
-	devs, err := r.s.devices.Devices(lctx, user)
+	devs, err := r.s.userDevices(lctx, user)
 	if err != nil {
 		r.nak(ctx, log.With("user", user), m, meta, "devices", err)
 		return nil, false
