@@ -511,42 +511,45 @@ func (b *bencher) connect(ctx context.Context, lo, hi int) error {
 // pump sends from s to `to` until stop, at rate per second (0: window in flight).
 func (b *bencher) pump(ctx context.Context, s *session, to, channel string, perSec float64, stop <-chan struct{}) {
 	n := 0
+	next := func() bool {
+		if err := b.send(s, fmt.Sprintf("%s-%d", s.user, n), to, channel); err != nil {
+			b.fail(err)
+			return false
+		}
+		n++
+		return true
+	}
+	var tick <-chan time.Time
 	if perSec > 0 {
 		t := time.NewTicker(time.Duration(float64(time.Second) / perSec))
 		defer t.Stop()
-		time.Sleep(time.Duration(rand.Int64N(int64(time.Second / time.Duration(max(perSec, 1))))))
-		for {
-			select {
-			case <-stop:
-				return
-			case <-ctx.Done():
-				return
-			case <-t.C:
-				if err := b.send(s, fmt.Sprintf("%s-%d", s.user, n), to, channel); err != nil {
-					b.fail(err)
-					return
-				}
-				n++
-			}
+		tick = t.C
+		time.Sleep(time.Duration(rand.Int64N(int64(float64(time.Second) / max(perSec, 1)))))
+	} else {
+		s.acks = make(chan struct{}, b.c.Window)
+		for range b.c.Window {
+			s.acks <- struct{}{}
 		}
 	}
-	s.acks = make(chan struct{}, b.c.Window)
-	for range b.c.Window {
-		s.acks <- struct{}{}
-	}
 	for {
+		var silent <-chan time.Time
+		if perSec == 0 {
+			silent = time.After(10 * time.Second)
+		}
 		select {
 		case <-stop:
 			return
 		case <-ctx.Done():
 			return
-		case <-s.acks:
-			if err := b.send(s, fmt.Sprintf("%s-%d", s.user, n), to, channel); err != nil {
-				b.fail(err)
+		case <-tick:
+			if !next() {
 				return
 			}
-			n++
-		case <-time.After(10 * time.Second):
+		case <-s.acks:
+			if !next() {
+				return
+			}
+		case <-silent:
 			b.fail(fmt.Errorf("%s: no SERVER_ACK for 10s", s.user))
 			return
 		}
