@@ -21,6 +21,8 @@ import (
 	"time"
 
 	"github.com/gorilla/websocket"
+
+	"github.com/vartalap/vartalap/schema"
 )
 
 // benchConfig is what `vartalap bench` is told.
@@ -41,6 +43,7 @@ type benchConfig struct {
 	ServerPID     int
 	Prefix        string
 	Concurrency   int
+	Format        string
 	workerIndex   int
 	workers       int
 }
@@ -134,6 +137,7 @@ func parseBench(args []string, stderr io.Writer) (*benchConfig, error) {
 	fs.IntVar(&c.ServerPID, "server-pid", 0, "server process id, to report its memory from /proc")
 	fs.StringVar(&c.Prefix, "prefix", "", "username prefix (default: unique per run)")
 	fs.IntVar(&c.Concurrency, "concurrency", 100, "parallel logins and connects")
+	fs.StringVar(&c.Format, "format", "text", "WebSocket frames: text (JSON v2.1) or binary (protobuf, like the seed's v3 clients)")
 	fs.IntVar(&c.workerIndex, "worker-index", 0, "internal: this worker's index")
 	fs.IntVar(&c.workers, "workers", 0, "internal: number of workers (0: this is the parent)")
 	if err := fs.Parse(args[1:]); err != nil {
@@ -151,6 +155,9 @@ func parseBench(args []string, stderr io.Writer) (*benchConfig, error) {
 	}
 	if c.Users < 2 || c.Users > 200000 || c.Procs < 1 || c.Procs > 32 {
 		return nil, errors.New("--users must be 2..200000 and --procs 1..32")
+	}
+	if c.Format != "text" && c.Format != "binary" {
+		return nil, fmt.Errorf("--format: %q is neither text nor binary", c.Format)
 	}
 	if c.Prefix == "" {
 		c.Prefix = "b" + strconv.FormatInt(time.Now().UnixMilli()%1e9, 36)
@@ -324,20 +331,58 @@ type session struct {
 	seen      map[string]bool
 	acks      chan struct{} // one token per SERVER_ACK (flat-out window)
 	closing   atomic.Bool
+	binary    bool
 }
 
-// inFrame is what the load tool reads from the server's JSON frames.
-type inFrame struct {
+// frameInfo is what the load tool reads from a server frame.
+type frameInfo struct {
+	id               string
+	serverAck, error bool
+	t                int64 // body.t: send time in ns, when present
+	content          []byte
+}
+
+// jsonFrame is the part of a JSON v2.1 frame the load tool reads.
+type jsonFrame struct {
 	ID   string `json:"id"`
 	Head struct {
-		Type        string `json:"type"`
-		From        string `json:"from"`
 		ContentType string `json:"contentType"`
 		Action      string `json:"action"`
 	} `json:"head"`
-	Body struct {
-		T int64 `json:"t"`
-	} `json:"body"`
+	Body json.RawMessage `json:"body"`
+}
+
+// decodeFrame reads a JSON text frame or a protobuf binary frame.
+func decodeFrame(data []byte, binary bool) (frameInfo, error) {
+	if binary {
+		m, err := schema.UnmarshalProto(data)
+		if err != nil {
+			return frameInfo{}, err
+		}
+		return frameInfo{id: m.ID, serverAck: m.Type == schema.TypeServerAck, error: m.Action() == "error",
+			t: bodyTime(m.Content), content: m.Content}, nil
+	}
+	var f jsonFrame
+	if err := json.Unmarshal(data, &f); err != nil {
+		return frameInfo{}, err
+	}
+	return frameInfo{id: f.ID, serverAck: f.Head.ContentType == "SERVER_ACK", error: f.Head.Action == "error",
+		t: bodyTime(f.Body), content: data}, nil
+}
+
+// bodyTime reads the "t" field the load tool puts first in its bodies.
+func bodyTime(body []byte) int64 {
+	const key = `{"t":`
+	if !bytes.HasPrefix(body, []byte(key)) {
+		return 0
+	}
+	rest := body[len(key):]
+	end := bytes.IndexAny(rest, ",}")
+	if end < 0 {
+		return 0
+	}
+	t, _ := strconv.ParseInt(string(rest[:end]), 10, 64)
+	return t
 }
 
 // open connects s and starts its reader, which acks every delivered message.
@@ -345,7 +390,8 @@ func (b *bencher) open(ctx context.Context, s *session) error {
 	h := http.Header{}
 	h.Set("user", s.user)
 	h.Set("accesskey", s.key)
-	u := "ws" + strings.TrimPrefix(b.c.URL, "http") + "/wss/?format=text&ack=true"
+	s.binary = b.c.Format == "binary"
+	u := "ws" + strings.TrimPrefix(b.c.URL, "http") + "/wss/?format=" + b.c.Format + "&ack=true"
 	d := websocket.Dialer{HandshakeTimeout: 30 * time.Second, ReadBufferSize: 1024, WriteBufferSize: 1024}
 	conn, _, err := d.DialContext(ctx, u, h)
 	if err != nil {
@@ -368,16 +414,16 @@ func (b *bencher) open(ctx context.Context, s *session) error {
 			if len(data) == 4 && string(data) == "pong" {
 				continue
 			}
-			var f inFrame
-			if err := json.Unmarshal(data, &f); err != nil {
+			f, err := decodeFrame(data, s.binary)
+			if err != nil {
 				b.fail(fmt.Errorf("bad frame: %v", err))
 				continue
 			}
 			now := time.Now()
 			switch {
-			case f.Head.ContentType == "SERVER_ACK":
+			case f.serverAck:
 				atomic.AddInt64(&b.res.ServerAcked, 1)
-				if v, ok := s.sentAt.LoadAndDelete(f.ID); ok {
+				if v, ok := s.sentAt.LoadAndDelete(f.id); ok {
 					b.mu.Lock()
 					b.res.AckLatency.add(now.Sub(v.(time.Time)))
 					b.mu.Unlock()
@@ -388,22 +434,22 @@ func (b *bencher) open(ctx context.Context, s *session) error {
 					default:
 					}
 				}
-			case f.Head.Action == "error":
-				b.fail(fmt.Errorf("error frame for %s: %s", f.ID, data))
-				s.ack(f.ID)
+			case f.error:
+				b.fail(fmt.Errorf("error frame for %s: %s", f.id, f.content))
+				s.ack(f.id)
 			default:
-				if s.seen[f.ID] {
+				if s.seen[f.id] {
 					atomic.AddInt64(&b.res.Duplicates, 1)
 				} else {
-					s.seen[f.ID] = true
+					s.seen[f.id] = true
 					atomic.AddInt64(&b.res.Delivered, 1)
-					if f.Body.T > 0 {
+					if f.t > 0 {
 						b.mu.Lock()
-						b.res.E2ELatency.add(now.Sub(time.Unix(0, f.Body.T)))
+						b.res.E2ELatency.add(now.Sub(time.Unix(0, f.t)))
 						b.mu.Unlock()
 					}
 				}
-				s.ack(f.ID)
+				s.ack(f.id)
 			}
 		}
 	}()
@@ -414,10 +460,19 @@ func (s *session) write(data []byte) error {
 	s.wmu.Lock()
 	defer s.wmu.Unlock()
 	_ = s.conn.SetWriteDeadline(time.Now().Add(10 * time.Second))
-	return s.conn.WriteMessage(websocket.TextMessage, data)
+	kind := websocket.TextMessage
+	if s.binary {
+		kind = websocket.BinaryMessage
+	}
+	return s.conn.WriteMessage(kind, data)
 }
 
 func (s *session) ack(id string) {
+	if s.binary {
+		m := schema.Message{Version: 3, ID: id, Type: schema.TypeClientAck, Channel: schema.ChannelIndividual, Ephemeral: true, Destination: schema.ServerSource}
+		_ = s.write(m.MarshalProto())
+		return
+	}
 	_ = s.write([]byte(`{"_v":2.1,"id":` + strconv.Quote(id) + `,"head":{"type":"INDIVIDUAL","to":"server","contentType":"CLIENT_ACK"},"body":{}}`))
 }
 
@@ -435,9 +490,20 @@ func (b *bencher) send(s *session, id, to, channel string) error {
 	now := time.Now()
 	s.sentAt.Store(id, now)
 	pad := strings.Repeat("x", max(b.c.Size-30, 0))
-	msg := `{"_v":2.1,"id":` + strconv.Quote(id) + `,"head":{"type":"` + channel + `","to":` + strconv.Quote(to) +
-		`,"contentType":"text","action":"message"},"body":{"t":` + strconv.FormatInt(now.UnixNano(), 10) + `,"text":"` + pad + `"}}`
-	if err := s.write([]byte(msg)); err != nil {
+	body := `{"t":` + strconv.FormatInt(now.UnixNano(), 10) + `,"text":"` + pad + `"}`
+	var frame []byte
+	if s.binary {
+		ch := schema.ChannelIndividual
+		if channel == "GROUP" {
+			ch = schema.ChannelGroup
+		}
+		m := schema.Message{Version: 3, ID: id, Type: schema.TypeMessage, Channel: ch, Destination: to, Content: []byte(body)}
+		frame = m.MarshalProto()
+	} else {
+		frame = []byte(`{"_v":2.1,"id":` + strconv.Quote(id) + `,"head":{"type":"` + channel + `","to":` + strconv.Quote(to) +
+			`,"contentType":"text","action":"message"},"body":` + body + `}`)
+	}
+	if err := s.write(frame); err != nil {
 		s.sentAt.Delete(id)
 		return err
 	}

@@ -22,6 +22,12 @@ func TestBenchScenarios(t *testing.T) {
 		{"direct", []string{"direct", "--users", "20", "--duration", "1s"}, func(r *benchResult) bool {
 			return r.Delivered > 0 && r.Delivered == r.ServerAcked && r.E2ELatency.N == uint64(r.Delivered)
 		}},
+		{"direct binary", []string{"direct", "--users", "20", "--duration", "1s", "--format", "binary"}, func(r *benchResult) bool {
+			return r.Delivered > 0 && r.Delivered == r.ServerAcked && r.E2ELatency.N == uint64(r.Delivered)
+		}},
+		{"group binary", []string{"group", "--users", "10", "--group-size", "10", "--senders", "2", "--duration", "1s", "--format", "binary"}, func(r *benchResult) bool {
+			return r.ServerAcked > 0 && r.Delivered == 9*r.ServerAcked && r.E2ELatency.N == uint64(r.Delivered)
+		}},
 		{"direct at a rate", []string{"direct", "--users", "20", "--rate", "100", "--duration", "1s"}, func(r *benchResult) bool {
 			return r.Delivered > 20 && r.Delivered == r.ServerAcked
 		}},
