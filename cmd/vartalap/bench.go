@@ -629,8 +629,10 @@ func (b *bencher) pump(ctx context.Context, s *session, to, channel string, perS
 func (b *bencher) drain(expectPerAck int64) {
 	deadline := time.Now().Add(15 * time.Second)
 	for time.Now().Before(deadline) {
-		if atomic.LoadInt64(&b.res.Delivered) >= atomic.LoadInt64(&b.res.ServerAcked)*expectPerAck {
-			return
+		acked := atomic.LoadInt64(&b.res.ServerAcked)
+		if acked+atomic.LoadInt64(&b.res.Errors) >= atomic.LoadInt64(&b.res.Sent) &&
+			atomic.LoadInt64(&b.res.Delivered) >= acked*expectPerAck {
+			return // every send answered, every acked message received
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
