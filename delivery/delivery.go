@@ -73,7 +73,9 @@ type Config struct {
 	// MaxInFlight is the number of unacked messages per device before sending
 	// pauses. Default: 256.
 	MaxInFlight int
-	// CursorFlush is how often a dirty cursor is written. Default: 250ms.
+	// CursorFlush is how often a dirty cursor is written while a session runs
+	// (and always when it ends). A crash loses at most this much of a
+	// device's acks: those messages are delivered again. Default: 1s.
 	CursorFlush time.Duration
 }
 
@@ -159,7 +161,7 @@ func New(cfg Config) (*Service, error) {
 		cfg.MaxInFlight = 256
 	}
 	if cfg.CursorFlush == 0 {
-		cfg.CursorFlush = 250 * time.Millisecond
+		cfg.CursorFlush = time.Second
 	}
 	switch {
 	case cfg.Retention < 0:

@@ -88,7 +88,10 @@ func TestOfflineSyncAndRedelivery(t *testing.T) {
 			bob.ack(m.ID)
 		}
 	}
-	time.Sleep(300 * time.Millisecond) // let the cursor flush (at most every 250ms) before the next connection
+	// Let the server read the acks still in flight on this socket: a new
+	// connection that overtakes them gets those messages again (at least
+	// once). Closing the socket then flushes the device's cursor.
+	time.Sleep(300 * time.Millisecond)
 	bob.Close()
 	bob = dial(t, s, "bob", kb, false)
 	for i := 1; i < n; i += 2 {
