@@ -16,6 +16,7 @@ import (
 
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
+	"golang.org/x/crypto/bcrypt"
 )
 
 // cliUser is the NATS user the embedded server accepts on --nats-listen.
@@ -56,7 +57,12 @@ func startEmbedded(c *serveConfig, log *slog.Logger) (*embedded, error) {
 			return nil, err
 		}
 		e.password = pw
-		opts.Users = []*server.User{{Username: cliUser, Password: pw}}
+		// The server keeps only a bcrypt hash of the password.
+		hash, err := bcrypt.GenerateFromPassword([]byte(pw), bcrypt.DefaultCost)
+		if err != nil {
+			return nil, fmt.Errorf("hash nats password: %w", err)
+		}
+		opts.Users = []*server.User{{Username: cliUser, Password: string(hash)}}
 	}
 	srv, err := server.NewServer(opts)
 	if err != nil {
