@@ -149,8 +149,32 @@ func (s *Service) publishEventBatch(ctx context.Context, msgs []*nats.Msg) error
 			return nil
 		}
 		if errors.As(err, &apiErr) && apiErr.ErrorCode != jetstreamext.JSErrCodeAtomicPublishTooManyInflight {
-			return err // rejected by the stream: retrying will not help
+			// Rejected by the stream, typically because one receiver's
+			// inbox is full: store the events one by one so that one
+			// full inbox does not block every change of the group.
+			return s.publishEach(ctx, msgs)
 		}
 	}
 	return err
+}
+
+// errCodeSubjectFull is JetStream's "maximum messages per subject exceeded"
+// (a full inbox: INBOX discards new messages per subject).
+const errCodeSubjectFull = 10077
+
+// publishEach stores msgs one at a time. A receiver whose inbox is full
+// misses the event (logged); duplicates were stored before.
+func (s *Service) publishEach(ctx context.Context, msgs []*nats.Msg) error {
+	for _, m := range msgs {
+		_, err := s.js.PublishMsg(ctx, m)
+		var apiErr *jetstream.APIError
+		switch {
+		case err == nil:
+		case errors.As(err, &apiErr) && apiErr.ErrorCode == errCodeSubjectFull:
+			s.log.Warn("group event not stored: inbox full", "subject", m.Subject, "msg_id", m.Header.Get(schema.HeaderMsgID))
+		default:
+			return err
+		}
+	}
+	return nil
 }

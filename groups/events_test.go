@@ -9,6 +9,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go/jetstream"
+
 	"github.com/vartalap/vartalap/internal/api"
 	"github.com/vartalap/vartalap/schema"
 )
@@ -181,5 +183,39 @@ func TestEventsLargeGroup(t *testing.T) {
 		if len(evs) == 0 || evs[len(evs)-1].Action() != actionUpdate {
 			t.Fatalf("%s did not get the rename", u)
 		}
+	}
+}
+
+// TestEventsFullInbox: one receiver whose inbox is full (INBOX discards new
+// messages per subject) misses the event; the change succeeds and every
+// other receiver gets theirs.
+func TestEventsFullInbox(t *testing.T) {
+	e := newEnv(t, Config{})
+	gid := e.create("alice", "g", "bob")
+	st, err := e.js.Stream(t.Context(), schema.StreamInbox)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := st.CachedInfo().Config
+	cfg.MaxMsgsPerSubject = 3
+	cfg.Discard = jetstream.DiscardNew
+	cfg.DiscardNewPerSubject = true
+	if _, err := e.js.UpdateStream(t.Context(), cfg); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 3 { // fill carol's inbox
+		if _, err := e.js.Publish(t.Context(), schema.UserInbox("carol"), []byte{byte(i)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	e.mustDo("POST", "/groups/"+string(gid)+"/members", "bob", map[string]any{"members": []string{"carol", "dave"}}, 200, nil)
+	for _, u := range []schema.UserID{"alice", "bob", "dave"} {
+		evs := e.events(u)
+		if len(evs) == 0 || evs[len(evs)-1].Action() != "add" {
+			t.Fatalf("%s did not get the add event", u)
+		}
+	}
+	if got := roles(t, e.get(gid, "carol")); got["carol"] != RoleUser || got["dave"] != RoleUser {
+		t.Fatalf("members %v", got)
 	}
 }
