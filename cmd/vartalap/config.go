@@ -34,6 +34,7 @@ type serveConfig struct {
 	FCMEndpoint   string
 	PushTTL       time.Duration
 	WSRate        float64
+	MaxUpload     int64
 	PprofAddr     string
 	ShutdownGrace time.Duration
 	Node          string
@@ -70,6 +71,7 @@ func parseServe(args []string, getenv func(string) string, stderr io.Writer) (*s
 	fs.DurationVar(&c.Retention, "retention", 30*24*time.Hour, "how long an unacknowledged message is kept in an inbox")
 	fs.IntVar(&c.Replicas, "replicas", 1, "stream and bucket replicas (3 in a NATS cluster)")
 	fs.Float64Var(&c.WSRate, "ws-rate", 50, "messages per second each WebSocket may send (burst: twice that); excess frames get a rate_limited error")
+	fs.Int64Var(&c.MaxUpload, "max-upload", 25<<20, "largest file a client may upload, in bytes")
 	fs.StringVar(&c.PprofAddr, "pprof", "", "serve net/http/pprof on this address (off when empty)")
 	fs.DurationVar(&c.ShutdownGrace, "shutdown-timeout", 15*time.Second, "hard deadline for a clean shutdown")
 	fs.StringVar(&c.Node, "node", "", "this process's node name in presence (default hostname-pid)")
@@ -136,6 +138,9 @@ func parseServe(args []string, getenv func(string) string, stderr io.Writer) (*s
 	case "text", "json":
 	default:
 		return nil, fmt.Errorf("--log-format: %q is neither text nor json", c.LogFormat)
+	}
+	if c.MaxUpload <= 0 {
+		return nil, fmt.Errorf("--max-upload must be positive")
 	}
 	if c.WSRate <= 0 {
 		return nil, fmt.Errorf("--ws-rate must be positive")

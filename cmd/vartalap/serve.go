@@ -22,6 +22,7 @@ import (
 
 	"github.com/vartalap/vartalap/delivery"
 	"github.com/vartalap/vartalap/gateway"
+	"github.com/vartalap/vartalap/gateway/assets"
 	"github.com/vartalap/vartalap/groups"
 	"github.com/vartalap/vartalap/internal/api"
 	"github.com/vartalap/vartalap/internal/webclient"
@@ -143,6 +144,7 @@ type app struct {
 	router   *router.Router
 	groups   *groups.Service
 	push     *push.Service
+	assets   *assets.Service
 	gateway  *gateway.Gateway
 	handler  http.Handler
 }
@@ -236,6 +238,16 @@ func build(ctx context.Context, c *serveConfig, nc *nats.Conn, js jetstream.JetS
 			return nil, fmt.Errorf("gateway: %w", err)
 		}
 		a.gateway = g
+
+		as, err := assets.New(assets.Config{JS: js, Logger: log.With("service", "assets"), Auth: authn,
+			Replicas: c.Replicas, MaxBytes: c.MaxUpload})
+		if err != nil {
+			return nil, fmt.Errorf("assets: %w", err)
+		}
+		if err := as.Setup(setupCtx); err != nil {
+			return nil, fmt.Errorf("assets setup: %w", err)
+		}
+		a.assets = as
 	}
 
 	if c.has("push") && c.PushProvider != "none" {
@@ -278,6 +290,9 @@ func build(ctx context.Context, c *serveConfig, nc *nats.Conn, js jetstream.JetS
 	}
 	if a.groups != nil {
 		a.groups.Routes(root)
+	}
+	if a.assets != nil {
+		a.assets.Routes(root)
 	}
 	root.NotFound(func(w http.ResponseWriter, _ *http.Request) {
 		api.WriteError(w, http.StatusNotFound, api.CodeNotFound, "no such route")
