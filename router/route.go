@@ -176,17 +176,23 @@ func (r *Router) notice(it *item, i int, code, reason string) out {
 
 // store writes outs to INBOX in atomic batches and records the outcome on
 // their owners.
+//
+// A handful of copies are published one by one: an atomic batch has a fixed
+// cost (the server stages it in a file store of its own, with an fsynced
+// metadata write) that outweighs a few single publishes.
 func (r *Router) store(ctx context.Context, items []item, outs []out, p *progress) {
 	for len(outs) > 0 {
 		n := min(len(outs), maxAtomicBatch)
 		chunk := outs[:n]
 		outs = outs[n:]
 		p.touch()
-		err := r.publishAtomic(ctx, chunk)
-		if err == nil {
-			continue
+		if len(chunk) > smallBatch {
+			err := r.publishAtomic(ctx, chunk)
+			if err == nil {
+				continue
+			}
+			r.log.Debug("atomic batch rejected, publishing one by one", "count", len(chunk), "err", err)
 		}
-		r.log.Debug("atomic batch rejected, publishing one by one", "count", len(chunk), "err", err)
 		for _, o := range chunk {
 			it := &items[o.owner]
 			switch res := r.publishOne(ctx, o.msg); {

@@ -44,6 +44,9 @@ const (
 const (
 	// maxAtomicBatch is the server's limit of messages in one atomic batch.
 	maxAtomicBatch = 1000
+	// smallBatch is the most copies published one by one rather than as
+	// an atomic batch (see store).
+	smallBatch = 4
 	// maxDeliver bounds the deliveries of one CHAT_IN message.
 	maxDeliver = 10
 	// ackWait is the consumer's ack wait (the first BackOff step).
