@@ -179,13 +179,10 @@ func (st *store) logout(u schema.UserID, d schema.DeviceID) error {
 	return nil
 }
 
-// authenticate returns the device whose stored hash matches keyHash.
-func (st *store) authenticate(u schema.UserID, keyHash []byte) (schema.DeviceID, bool, error) {
-	var (
-		dev   schema.DeviceID
-		found bool
-	)
-	err := st.db.View(func(tx *bolt.Tx) error {
+// eachDevice calls fn for every device record of u, in device id order,
+// inside a read transaction.
+func (st *store) eachDevice(u schema.UserID, fn func(id schema.DeviceID, d *deviceRecord)) error {
+	return st.db.View(func(tx *bolt.Tx) error {
 		prefix := devicePrefix(u)
 		c := tx.Bucket(bucketDevices).Cursor()
 		for k, v := c.Seek(prefix); k != nil && bytes.HasPrefix(k, prefix); k, v = c.Next() {
@@ -193,14 +190,24 @@ func (st *store) authenticate(u schema.UserID, keyHash []byte) (schema.DeviceID,
 			if err := json.Unmarshal(v, &d); err != nil {
 				return fmt.Errorf("decode device record %q: %w", k, err)
 			}
-			// Every device is compared, so the time taken does not depend
-			// on which one matches.
-			if subtle.ConstantTimeCompare(d.KeyHash, keyHash) == 1 && !found {
-				dev = schema.DeviceID(k[len(prefix):])
-				found = true
-			}
+			fn(schema.DeviceID(k[len(prefix):]), &d)
 		}
 		return nil
+	})
+}
+
+// authenticate returns the device whose stored hash matches keyHash.
+func (st *store) authenticate(u schema.UserID, keyHash []byte) (schema.DeviceID, bool, error) {
+	var (
+		dev   schema.DeviceID
+		found bool
+	)
+	err := st.eachDevice(u, func(id schema.DeviceID, d *deviceRecord) {
+		// Every device is compared, so the time taken does not depend on
+		// which one matches.
+		if subtle.ConstantTimeCompare(d.KeyHash, keyHash) == 1 && !found {
+			dev, found = id, true
+		}
 	})
 	if err != nil {
 		return "", false, fmt.Errorf("authenticate %s: %w", u, err)
@@ -211,23 +218,14 @@ func (st *store) authenticate(u schema.UserID, keyHash []byte) (schema.DeviceID,
 // devices lists the devices of u, ordered by device id.
 func (st *store) devices(u schema.UserID) ([]Device, error) {
 	out := []Device{}
-	err := st.db.View(func(tx *bolt.Tx) error {
-		prefix := devicePrefix(u)
-		c := tx.Bucket(bucketDevices).Cursor()
-		for k, v := c.Seek(prefix); k != nil && bytes.HasPrefix(k, prefix); k, v = c.Next() {
-			var d deviceRecord
-			if err := json.Unmarshal(v, &d); err != nil {
-				return fmt.Errorf("decode device record %q: %w", k, err)
-			}
-			out = append(out, Device{
-				ID:             schema.DeviceID(k[len(prefix):]),
-				PushToken:      d.PushToken,
-				MessageVersion: d.MessageVersion,
-				AddedOn:        d.AddedOn,
-				LastLogin:      d.LastLogin,
-			})
-		}
-		return nil
+	err := st.eachDevice(u, func(id schema.DeviceID, d *deviceRecord) {
+		out = append(out, Device{
+			ID:             id,
+			PushToken:      d.PushToken,
+			MessageVersion: d.MessageVersion,
+			AddedOn:        d.AddedOn,
+			LastLogin:      d.LastLogin,
+		})
 	})
 	if err != nil {
 		return nil, fmt.Errorf("list devices of %s: %w", u, err)

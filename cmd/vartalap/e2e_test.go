@@ -9,7 +9,6 @@ import (
 	"github.com/gorilla/websocket"
 
 	"github.com/vartalap/vartalap/internal/natstest"
-	"github.com/vartalap/vartalap/schema"
 )
 
 const wait = 10 * time.Second
@@ -346,5 +345,3 @@ func TestServeFlagErrors(t *testing.T) {
 		t.Fatalf("env/flag precedence: %+v %v", c, err)
 	}
 }
-
-var _ = schema.TypeMessage

@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"net/url"
 	"regexp"
 	"strings"
 	"sync"
@@ -366,7 +365,5 @@ func bodyText(m *schema.Message) string {
 	_ = json.Unmarshal(m.Content, &b)
 	return b.Text
 }
-
-var _ = url.QueryEscape
 
 func jsonUnmarshal(b []byte, v any) error { return json.Unmarshal(b, v) }

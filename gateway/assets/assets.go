@@ -296,7 +296,7 @@ func (s *Service) handleStatus(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if _, err := st.obs.GetInfo(r.Context(), fileID); errors.Is(err, jetstream.ErrObjectNotFound) {
-		api.WriteError(w, http.StatusConflict, "conflict", "file has not been uploaded")
+		api.WriteError(w, http.StatusConflict, api.CodeConflict, "file has not been uploaded")
 		return
 	} else if err != nil {
 		s.log.Error("get object info", "file_id", fileID, "err", err)
@@ -358,7 +358,7 @@ func (s *Service) handleBlobPut(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if m.Status {
-		api.WriteError(w, http.StatusConflict, "conflict", "file is already complete")
+		api.WriteError(w, http.StatusConflict, api.CodeConflict, "file is already complete")
 		return
 	}
 	if r.ContentLength > s.cfg.MaxBytes {

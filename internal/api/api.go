@@ -40,6 +40,7 @@ const (
 	CodeUnauthenticated = "unauthenticated"
 	CodeForbidden       = "forbidden"
 	CodeNotFound        = "not_found"
+	CodeConflict        = "conflict"
 	CodeTooLarge        = "too_large"
 	CodeUnavailable     = "unavailable"
 	CodeInternal        = "internal"
