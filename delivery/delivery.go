@@ -103,6 +103,8 @@ type Service struct {
 
 	assets atomic.Pointer[assets]
 
+	up chan struct{} // closed once Run accepts sessions
+
 	mu      sync.RWMutex
 	started bool
 	running bool
@@ -178,6 +180,7 @@ func New(cfg Config) (*Service, error) {
 		return nil, errors.New("delivery: config: negative CursorFlush")
 	}
 	s := &Service{
+		up:            make(chan struct{}),
 		cfg:           cfg,
 		log:           cfg.Logger,
 		js:            cfg.JS,
@@ -350,6 +353,7 @@ func (s *Service) Run(ctx context.Context) error {
 	s.runCtx = ctx
 	s.running = true
 	s.mu.Unlock()
+	close(s.up)
 
 	dctx, stopDispatch := context.WithCancel(context.Background())
 	var dwg sync.WaitGroup
@@ -587,6 +591,10 @@ func (s *Service) unregister(ss *Session) {
 		delete(s.bySubj, u.sub.Subject)
 	}
 }
+
+// Started is closed once Run accepts sessions: Open fails with
+// ErrNotRunning before that.
+func (s *Service) Started() <-chan struct{} { return s.up }
 
 // Open starts delivering user's inbox to device through sink: the backlog
 // from the device's cursor in stream order, then live messages. A session of

@@ -101,6 +101,7 @@ type Service struct {
 	now        func() time.Time
 	stripes    [lockStripes]chan struct{} // per-group change locks, see mutate
 	members    memberCache                // Members results by meta revision
+	up         chan struct{}              // closed once Run serves groups.members
 }
 
 // New returns a Service for cfg, with defaults filled in. Setup must be
@@ -131,6 +132,7 @@ func New(cfg Config) (*Service, error) {
 		return nil, fmt.Errorf("groups: config: replicas %d is not positive", cfg.Replicas)
 	}
 	s := &Service{
+		up:         make(chan struct{}),
 		js:         cfg.JS,
 		nc:         cfg.NC,
 		log:        cfg.Logger,

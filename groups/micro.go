@@ -33,6 +33,9 @@ type (
 	}
 )
 
+// Started is closed once Run serves groups.members.
+func (s *Service) Started() <-chan struct{} { return s.up }
+
 // Run serves the micro service "groups" (endpoint groups.members) on
 // Config.NC until ctx ends, then stops it.
 func (s *Service) Run(ctx context.Context) error {
@@ -49,6 +52,7 @@ func (s *Service) Run(ctx context.Context) error {
 		return fmt.Errorf("groups: add endpoint %s: %w", subjectMembers, err)
 	}
 	s.log.Info("groups service started", "subject", subjectMembers)
+	close(s.up)
 	<-ctx.Done()
 	if err := svc.Stop(); err != nil {
 		return fmt.Errorf("groups: stop micro service: %w", err)

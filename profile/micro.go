@@ -44,6 +44,9 @@ type (
 	}
 )
 
+// Started is closed once Run serves its endpoints.
+func (s *Service) Started() <-chan struct{} { return s.up }
+
 // Run serves the micro service "profile" on Config.NC until ctx ends, then
 // stops it (draining its subscriptions).
 func (s *Service) Run(ctx context.Context) error {
@@ -73,6 +76,7 @@ func (s *Service) Run(ctx context.Context) error {
 		}
 	}
 	s.log.Info("profile service started", "subject", "profile.>")
+	close(s.up)
 	<-ctx.Done()
 	if err := svc.Stop(); err != nil {
 		return fmt.Errorf("profile: stop micro service: %w", err)

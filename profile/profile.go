@@ -83,6 +83,7 @@ type Service struct {
 	log   *slog.Logger
 	store *store
 	now   func() time.Time
+	up    chan struct{} // closed once Run serves its endpoints
 }
 
 // New opens (or creates) the bbolt file and returns the service.
@@ -110,6 +111,7 @@ func New(cfg Config) (*Service, error) {
 		return nil, fmt.Errorf("profile: %w", err)
 	}
 	return &Service{
+		up:    make(chan struct{}),
 		cfg:   cfg,
 		log:   cfg.Logger,
 		store: st,

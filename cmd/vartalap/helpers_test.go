@@ -76,8 +76,12 @@ func startServer(t *testing.T, dataDir string, args ...string) *testServer {
 				if err := s.stop(); err != nil {
 					t.Errorf("server stop: %v", err)
 				}
-				if t.Failed() && testing.Verbose() {
-					t.Logf("server logs:\n%s", logs.String())
+				if t.Failed() {
+					all := logs.String()
+					if !testing.Verbose() && len(all) > 16<<10 {
+						all = "…" + all[len(all)-16<<10:]
+					}
+					t.Logf("server logs:\n%s", all)
 				}
 			})
 			return s
@@ -199,7 +203,8 @@ func tryDial(s *testServer, user, key string, binary bool) (*client, error) {
 	conn, resp, err := websocket.DefaultDialer.Dial(s.wsURL("format="+format+"&ack=true"), h)
 	if err != nil {
 		if resp != nil {
-			return nil, fmt.Errorf("%w (status %d)", err, resp.StatusCode)
+			body, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
+			return nil, fmt.Errorf("%w (status %d: %s)", err, resp.StatusCode, body)
 		}
 		return nil, err
 	}

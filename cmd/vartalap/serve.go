@@ -349,6 +349,33 @@ func (a *app) run(ctx context.Context, c *serveConfig, log *slog.Logger) error {
 	if a.push != nil {
 		start("push", a.push.Run)
 	}
+	// Open the HTTP port only once the services it calls serve: a client
+	// that sees "listening" must be able to open a session at once.
+	var starting []<-chan struct{}
+	if a.profile != nil {
+		starting = append(starting, a.profile.Started())
+	}
+	if a.delivery != nil {
+		starting = append(starting, a.delivery.Started())
+	}
+	if a.groups != nil {
+		starting = append(starting, a.groups.Started())
+	}
+	for _, up := range starting {
+		select {
+		case <-up:
+		case err := <-failed:
+			stopSvcs()
+			wg.Wait()
+			a.closeStores(log)
+			return err
+		case <-ctx.Done():
+			stopSvcs()
+			wg.Wait()
+			a.closeStores(log)
+			return nil
+		}
+	}
 
 	ln, err := net.Listen("tcp", c.HTTPAddr)
 	if err != nil {
