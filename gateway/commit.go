@@ -9,29 +9,42 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
-	"github.com/synadia-io/orbit.go/jetstreamext"
+
+	"github.com/vartalap/vartalap/schema"
 )
 
-// maxCommitBatch is the most CHAT_IN messages written in one atomic batch
-// (the server allows 1,000).
-const maxCommitBatch = 500
+const (
+	// maxCommitBatch is the most client messages committed in one round.
+	maxCommitBatch = 1000
+	// maxBatchBytes caps one CHAT_IN batch message; the connection's
+	// max_payload caps it further.
+	maxBatchBytes = 1 << 20
+	// batchHeadroom is left under max_payload for the subject and headers.
+	batchHeadroom = 1 << 10
+)
 
-// committer group-commits CHAT_IN publishes from every connection of this
+// committer group-commits CHAT_IN writes from every connection of this
 // process. Under sync: always each JetStream write is fsynced before its
-// PubAck, so publishing one message at a time caps the whole gateway at a
-// few thousand messages per second. The committer writes whatever is queued
-// while the previous commit was in flight as one atomic batch (one fsync),
-// so a lone message still goes out at once, and a busy gateway gets large
-// batches. If an atomic batch fails (for example because it holds a resend
-// whose Nats-Msg-Id is a duplicate, which rejects the whole batch), its
-// messages are published one by one, so each gets its own exact outcome.
+// PubAck, so writing one message at a time caps a gateway at a few thousand
+// messages per second, and JetStream's atomic batches cost a staging store
+// of their own per batch. The committer instead stores whatever was queued
+// while its previous write was in flight as one CHAT_IN message, a batch
+// (schema.ParseBatch): one write, one fsync, one message for the router to
+// fetch and ack. A lone message still goes out at once; a busy gateway gets
+// large batches.
+//
+// De-duplication of resends is the router's: it stores each copy with a
+// Nats-Msg-Id made of the recipient, the sender and the client's message
+// id, so a message sent twice reaches the inbox once.
 //
 // The committer's goroutine starts with the first publish and ends in
-// close; publishes after close go straight to JetStream.
+// close; publishes after close are written as batches of one.
 type committer struct {
 	js      jetstream.JetStream
 	log     *slog.Logger
 	timeout time.Duration
+	subject string // schema.ChatInBatch(node)
+	limit   int    // bytes per batch
 
 	mu      sync.Mutex
 	queue   []*pubReq
@@ -42,55 +55,69 @@ type committer struct {
 	done    chan struct{}
 }
 
+// entry is one accepted message for CHAT_IN.
+type entry struct {
+	data   []byte // protobuf Message, stamped
+	device schema.DeviceID
+}
+
 type pubReq struct {
-	msg *nats.Msg
+	entry
 	err chan error // buffered: the committer never blocks on it
 }
 
-func newCommitter(js jetstream.JetStream, log *slog.Logger, timeout time.Duration) *committer {
-	return &committer{js: js, log: log, timeout: timeout,
+func newCommitter(js jetstream.JetStream, log *slog.Logger, timeout time.Duration, node string) *committer {
+	limit := maxBatchBytes
+	if mp := int(js.Conn().MaxPayload()); mp > 0 && mp-batchHeadroom < limit {
+		limit = mp - batchHeadroom
+	}
+	return &committer{js: js, log: log, timeout: timeout, subject: schema.ChatInBatch(node), limit: limit,
 		wake: make(chan struct{}, 1), stop: make(chan struct{}), done: make(chan struct{})}
 }
 
-// publish stores msg in CHAT_IN and returns once it is acknowledged (a
-// duplicate counts as stored) or ctx ends.
-func (c *committer) publish(ctx context.Context, msg *nats.Msg) error {
-	return c.publishAll(ctx, []*nats.Msg{msg})[0]
+// publish stores e in CHAT_IN and returns once it is acknowledged or ctx
+// ends.
+func (c *committer) publish(ctx context.Context, e entry) error {
+	return c.publishAll(ctx, []entry{e})[0]
 }
 
-// publishAll queues msgs in order (so they are stored in that order), then
-// waits for all of them. errs[i] is the outcome of msgs[i].
-func (c *committer) publishAll(ctx context.Context, msgs []*nats.Msg) []error {
-	errs := make([]error, len(msgs))
-	reqs := make([]pubReq, len(msgs))
+// publishAll queues entries in order (so they are stored in that order),
+// then waits for all of them. errs[i] is the outcome of entries[i].
+func (c *committer) publishAll(ctx context.Context, entries []entry) []error {
+	errs := make([]error, len(entries))
+	reqs := make([]pubReq, len(entries))
+	for i, e := range entries {
+		reqs[i] = pubReq{entry: e, err: make(chan error, 1)}
+	}
 	c.mu.Lock()
 	if c.closed {
 		c.mu.Unlock()
-		for i, m := range msgs {
-			errs[i] = c.single(ctx, m)
+		batch := make([]*pubReq, len(reqs))
+		for i := range reqs {
+			batch[i] = &reqs[i]
 		}
-		return errs
-	}
-	if !c.started {
-		c.started = true
-		go c.loop()
-	}
-	for i, m := range msgs {
-		reqs[i] = pubReq{msg: m, err: make(chan error, 1)}
-		c.queue = append(c.queue, &reqs[i])
-	}
-	c.mu.Unlock()
-	select {
-	case c.wake <- struct{}{}:
-	default:
+		c.commit(batch)
+	} else {
+		if !c.started {
+			c.started = true
+			go c.loop()
+		}
+		for i := range reqs {
+			c.queue = append(c.queue, &reqs[i])
+		}
+		c.mu.Unlock()
+		select {
+		case c.wake <- struct{}{}:
+		default:
+		}
 	}
 	for i := range reqs {
 		select {
 		case errs[i] = <-reqs[i].err:
 		case <-ctx.Done():
 			// It may still be stored; the client's resend with the same
-			// id is then de-duplicated.
-			errs[i] = fmt.Errorf("publish %s: %w", msgs[i].Subject, errPublishTimeout)
+			// id is then de-duplicated by the router.
+			errs[i] = fmt.Errorf("publish %s: %w", c.subject, errPublishTimeout)
 		}
 	}
 	return errs
@@ -129,66 +156,59 @@ func (c *committer) commitQueued() bool {
 	return true
 }
 
-func (c *committer) commit(batch []*pubReq) {
+// commit writes reqs as CHAT_IN batches of at most c.limit bytes, all
+// published before the first PubAck is awaited, and reports each outcome.
+func (c *committer) commit(reqs []*pubReq) {
 	ctx, cancel := context.WithTimeout(context.Background(), c.timeout)
 	defer cancel()
-	if len(batch) > 1 {
-		err := c.atomic(ctx, batch)
-		if err == nil {
-			for _, r := range batch {
+	type pending struct {
+		reqs []*pubReq
+		f    jetstream.PubAckFuture
+	}
+	var sent []pending
+	for len(reqs) > 0 {
+		size, n := 0, 0
+		for n < len(reqs) {
+			s := schema.BatchEntrySize(len(reqs[n].data), reqs[n].device)
+			if n > 0 && size+s > c.limit {
+				break
+			}
+			size += s
+			n++
+		}
+		part := reqs[:n]
+		reqs = reqs[n:]
+		data := make([]byte, 0, size)
+		for _, r := range part {
+			data = schema.AppendBatchEntry(data, r.data, r.device)
+		}
+		msg := &nats.Msg{Subject: c.subject, Header: nats.Header{schema.HeaderBatch: []string{"1"}}, Data: data}
+		f, err := c.js.PublishMsgAsync(msg)
+		if err != nil {
+			c.fail(part, fmt.Errorf("publish %s: %w", c.subject, err))
+			continue
+		}
+		sent = append(sent, pending{part, f})
+	}
+	for _, p := range sent {
+		select {
+		case <-p.f.Ok():
+			for _, r := range p.reqs {
 				r.err <- nil
 			}
-			return
-		}
-		c.log.Debug("atomic batch failed, publishing one by one", "size", len(batch), "err", err)
-	}
-	futures := make([]jetstream.PubAckFuture, len(batch))
-	for i, r := range batch {
-		f, err := c.js.PublishMsgAsync(r.msg)
-		if err != nil {
-			r.err <- fmt.Errorf("publish %s: %w", r.msg.Subject, err)
-			continue
-		}
-		futures[i] = f
-	}
-	for i, f := range futures {
-		if f == nil {
-			continue
-		}
-		select {
-		case <-f.Ok():
-			batch[i].err <- nil
-		case err := <-f.Err():
-			batch[i].err <- fmt.Errorf("publish %s: %w", batch[i].msg.Subject, err)
+		case err := <-p.f.Err():
+			c.log.Warn("chat_in batch not stored", "messages", len(p.reqs), "err", err)
+			c.fail(p.reqs, fmt.Errorf("publish %s: %w", c.subject, err))
 		case <-ctx.Done():
-			batch[i].err <- fmt.Errorf("publish %s: %w", batch[i].msg.Subject, errPublishTimeout)
+			c.fail(p.reqs, fmt.Errorf("publish %s: %w", c.subject, errPublishTimeout))
 		}
 	}
 }
 
-func (c *committer) atomic(ctx context.Context, batch []*pubReq) error {
-	bp, err := jetstreamext.NewBatchPublisher(c.js)
-	if err != nil {
-		return err
+func (c *committer) fail(reqs []*pubReq, err error) {
+	for _, r := range reqs {
+		r.err <- err
 	}
-	for _, r := range batch[:len(batch)-1] {
-		if err := bp.AddMsg(r.msg); err != nil {
-			_ = bp.Discard()
-			return err
-		}
-	}
-	_, err = bp.CommitMsg(ctx, batch[len(batch)-1].msg)
-	return err
-}
-
-// single publishes one message directly (after close).
-func (c *committer) single(ctx context.Context, msg *nats.Msg) error {
-	ctx, cancel := context.WithTimeout(ctx, c.timeout)
-	defer cancel()
-	if _, err := c.js.PublishMsg(ctx, msg); err != nil {
-		return fmt.Errorf("publish %s: %w", msg.Subject, err)
-	}
-	return nil
 }
 
 // close commits what is queued and stops the goroutine.

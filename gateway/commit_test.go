@@ -6,43 +6,28 @@ import (
 	"sync"
 	"testing"
 
-	"github.com/nats-io/nats.go"
-
 	"github.com/vartalap/vartalap/schema"
 )
 
-// Many concurrent publishers: every message is stored exactly once, at
-// least some of them in shared atomic batches, and resends of an id that
-// is already stored (which reject a whole atomic batch) still succeed and
-// store nothing new.
-func TestCommitterGroupsAndDedupes(t *testing.T) {
+// Many concurrent publishers: every message is stored exactly once (a
+// resend is stored again: the router de-duplicates it), in the order each
+// publisher sent, and at least some share a batch.
+func TestCommitterGroupsConcurrentPublishers(t *testing.T) {
 	e := newEnv(t)
 	const senders, per = 40, 25
 	var wg sync.WaitGroup
-	errs := make(chan error, senders*per*2)
-	publish := func(s, i int) {
-		m := &schema.Message{Version: 2.1, ID: fmt.Sprintf("m%d-%d", s, i), Type: schema.TypeMessage,
-			Channel: schema.ChannelIndividual, Destination: "bob"}
-		m.Stamp(schema.UserID(fmt.Sprintf("u%d", s)), fmt.Sprintf("sid%d-%d", s, i), 1)
-		if err := e.g.publish(context.Background(), schema.UserID(fmt.Sprintf("u%d", s)), "d1", m); err != nil {
-			errs <- err
-		}
-	}
+	errs := make(chan error, senders*per)
 	for s := range senders {
 		wg.Go(func() {
+			user := schema.UserID(fmt.Sprintf("u%d", s))
 			for i := range per {
-				publish(s, i)
+				m := &schema.Message{Version: 2.1, ID: fmt.Sprintf("m%d", i), Type: schema.TypeMessage,
+					Channel: schema.ChannelIndividual, Destination: "bob"}
+				m.Stamp(user, fmt.Sprintf("sid%d-%d", s, i), 1)
+				if err := e.g.publish(context.Background(), user, "d1", m); err != nil {
+					errs <- err
+				}
 			}
-		})
-	}
-	wg.Wait()
-	// Resend every tenth message concurrently with new ones.
-	for s := range senders {
-		wg.Go(func() {
-			for i := 0; i < per; i += 10 {
-				publish(s, i)
-			}
-			publish(s, per) // one new message each
 		})
 	}
 	wg.Wait()
@@ -50,38 +35,67 @@ func TestCommitterGroupsAndDedupes(t *testing.T) {
 	for err := range errs {
 		t.Fatal(err)
 	}
+	all := e.stored(t)
+	if len(all) != senders*per {
+		t.Fatalf("%d messages stored, want %d", len(all), senders*per)
+	}
+	next := map[string]int{}
+	for _, sm := range all {
+		m, err := schema.UnmarshalProto(sm.Data)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := fmt.Sprintf("m%d", next[m.Source]); m.ID != want {
+			t.Fatalf("%s's next stored message is %s, want %s", m.Source, m.ID, want)
+		}
+		next[m.Source]++
+		if !sm.Batch || sm.Device != "d1" || sm.Subject != schema.ChatInBatch("gateway") {
+			t.Fatalf("stored %+v, want a batch entry from d1", sm)
+		}
+	}
 	info, err := e.stream.Info(context.Background())
 	if err != nil {
 		t.Fatal(err)
 	}
-	if want := uint64(senders * (per + 1)); info.State.Msgs != want {
-		t.Fatalf("%d messages stored, want %d", info.State.Msgs, want)
+	if info.State.Msgs >= uint64(len(all)) {
+		t.Fatalf("%d CHAT_IN messages for %d client messages: nothing was batched", info.State.Msgs, len(all))
 	}
-	batched := 0
-	for seq := uint64(1); seq <= info.State.LastSeq; seq++ {
-		raw, err := e.stream.GetMsg(context.Background(), seq)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if raw.Header.Get("Nats-Batch-Id") != "" {
-			batched++
-		}
-	}
-	if batched == 0 {
-		t.Fatal("no message was written in an atomic batch")
-	}
-	t.Logf("%d of %d messages were written in shared atomic batches", batched, info.State.Msgs)
+	t.Logf("%d client messages in %d CHAT_IN batches", len(all), info.State.Msgs)
 }
 
-// After close, publishes still work (directly).
-func TestCommitterAfterClose(t *testing.T) {
+// A commit larger than one batch's byte limit is split into several
+// batches, all stored, in order.
+func TestCommitterSplitsLargeCommits(t *testing.T) {
 	e := newEnv(t)
-	c := newCommitter(e.js, e.g.log, e.g.cfg.PublishTimeout)
-	c.close()
-	msg := &nats.Msg{Subject: schema.ChatIn("alice"), Header: nats.Header{}, Data: []byte("x")}
-	msg.Header.Set(schema.HeaderMsgID, "alice:late")
-	if err := c.publish(context.Background(), msg); err != nil {
+	c := newCommitter(e.js, e.g.log, e.g.cfg.PublishTimeout, "gw1")
+	defer c.close()
+	c.limit = 4 << 10
+	entries := make([]entry, 30)
+	for i := range entries {
+		m := &schema.Message{Version: 2.1, ID: fmt.Sprintf("big%d", i), Source: "alice", Destination: "bob",
+			Content: make([]byte, 1000)}
+		entries[i] = entry{data: m.MarshalProto(), device: "d1"}
+	}
+	for i, err := range c.publishAll(context.Background(), entries) {
+		if err != nil {
+			t.Fatalf("entry %d: %v", i, err)
+		}
+	}
+	all := e.stored(t)
+	if len(all) != len(entries) {
+		t.Fatalf("%d stored, want %d", len(all), len(entries))
+	}
+	for i, sm := range all {
+		if m, _ := schema.UnmarshalProto(sm.Data); m == nil || m.ID != fmt.Sprintf("big%d", i) {
+			t.Fatalf("entry %d out of order", i)
+		}
+	}
+	info, err := e.stream.Info(context.Background())
+	if err != nil {
 		t.Fatal(err)
+	}
+	if info.State.Msgs < 8 {
+		t.Fatalf("30 KB in %d batches of at most 4 KiB", info.State.Msgs)
 	}
 }
 
@@ -91,53 +105,43 @@ func TestCommitterPublishAllKeepsOrder(t *testing.T) {
 	for _, closed := range []bool{false, true} {
 		t.Run(fmt.Sprintf("closed=%v", closed), func(t *testing.T) {
 			e := newEnv(t)
-			c := newCommitter(e.js, e.g.log, e.g.cfg.PublishTimeout)
+			c := newCommitter(e.js, e.g.log, e.g.cfg.PublishTimeout, "gw1")
 			defer c.close()
 			if closed {
 				c.close()
 			}
 			const n = 60
-			msgs := make([]*nats.Msg, n)
-			for i := range msgs {
-				msgs[i] = &nats.Msg{Subject: schema.ChatIn("alice"), Header: nats.Header{}, Data: fmt.Appendf(nil, "m%d", i)}
-				msgs[i].Header.Set(schema.HeaderMsgID, fmt.Sprintf("alice:m%d", i))
+			entries := make([]entry, n)
+			for i := range entries {
+				entries[i] = entry{data: fmt.Appendf(nil, "m%d", i), device: "d1"}
 			}
 			var wg sync.WaitGroup
 			wg.Go(func() { // a concurrent publisher shares the commits
-				for i := range 20 {
-					m := &nats.Msg{Subject: schema.ChatIn("bob"), Header: nats.Header{}, Data: []byte("x")}
-					m.Header.Set(schema.HeaderMsgID, fmt.Sprintf("bob:x%d", i))
-					if err := c.publish(context.Background(), m); err != nil {
+				for range 20 {
+					if err := c.publish(context.Background(), entry{data: []byte("x"), device: "d2"}); err != nil {
 						t.Error(err)
 					}
 				}
 			})
-			for i, err := range c.publishAll(context.Background(), msgs) {
+			for i, err := range c.publishAll(context.Background(), entries) {
 				if err != nil {
 					t.Fatalf("message %d: %v", i, err)
 				}
 			}
 			wg.Wait()
-			info, err := e.stream.Info(context.Background())
-			if err != nil {
-				t.Fatal(err)
-			}
-			next := 0
-			for seq := uint64(1); seq <= info.State.LastSeq; seq++ {
-				raw, err := e.stream.GetMsg(context.Background(), seq)
-				if err != nil {
-					t.Fatal(err)
-				}
-				if raw.Subject != schema.ChatIn("alice") {
+			next, others := 0, 0
+			for _, sm := range e.stored(t) {
+				if sm.Device != "d1" {
+					others++
 					continue
 				}
-				if want := fmt.Sprintf("m%d", next); string(raw.Data) != want {
-					t.Fatalf("seq %d holds %s, want %s", seq, raw.Data, want)
+				if want := fmt.Sprintf("m%d", next); string(sm.Data) != want {
+					t.Fatalf("stored %s, want %s", sm.Data, want)
 				}
 				next++
 			}
-			if next != n {
-				t.Fatalf("%d of %d messages stored", next, n)
+			if next != n || others != 20 {
+				t.Fatalf("%d of %d messages and %d of 20 others stored", next, n, others)
 			}
 		})
 	}

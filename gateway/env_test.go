@@ -277,19 +277,17 @@ func chatJSON(id, to string) string {
 		`","from":"mallory","chatid":"c1","contentType":"text","action":"message"},"body":{"text":"hi"}}`
 }
 
-func (e *env) streamMsgs(t testing.TB) uint64 {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	info, err := e.stream.Info(ctx)
-	if err != nil {
-		t.Fatalf("stream info: %v", err)
-	}
-	return info.State.Msgs
+// storedMsg is one client message stored in CHAT_IN: on its own or as an
+// entry of a gateway batch.
+type storedMsg struct {
+	Subject string
+	Batch   bool
+	Device  schema.DeviceID
+	Data    []byte
 }
 
-// lastStored returns the newest CHAT_IN message, decoded.
-func (e *env) lastStored(t testing.TB) (*jetstream.RawStreamMsg, *schema.Message) {
+// stored returns every client message in CHAT_IN, in order.
+func (e *env) stored(t testing.TB) []storedMsg {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
@@ -297,15 +295,46 @@ func (e *env) lastStored(t testing.TB) (*jetstream.RawStreamMsg, *schema.Message
 	if err != nil {
 		t.Fatalf("stream info: %v", err)
 	}
-	raw, err := e.stream.GetMsg(ctx, info.State.LastSeq)
-	if err != nil {
-		t.Fatalf("get msg %d: %v", info.State.LastSeq, err)
+	var out []storedMsg
+	for seq := info.State.FirstSeq; seq <= info.State.LastSeq && info.State.Msgs > 0; seq++ {
+		raw, err := e.stream.GetMsg(ctx, seq)
+		if err != nil {
+			t.Fatalf("get msg %d: %v", seq, err)
+		}
+		if raw.Header.Get(schema.HeaderBatch) == "" {
+			out = append(out, storedMsg{Subject: raw.Subject, Device: schema.DeviceID(raw.Header.Get(schema.HeaderDevice)), Data: raw.Data})
+			continue
+		}
+		entries, err := schema.ParseBatch(raw.Data)
+		if err != nil {
+			t.Fatalf("batch at seq %d: %v", seq, err)
+		}
+		for _, en := range entries {
+			out = append(out, storedMsg{Subject: raw.Subject, Batch: true, Device: en.Device, Data: en.Message})
+		}
 	}
-	m, err := schema.UnmarshalProto(raw.Data)
+	return out
+}
+
+// streamMsgs returns the number of client messages stored in CHAT_IN.
+func (e *env) streamMsgs(t testing.TB) uint64 {
+	t.Helper()
+	return uint64(len(e.stored(t)))
+}
+
+// lastStored returns the newest client message in CHAT_IN, decoded.
+func (e *env) lastStored(t testing.TB) (storedMsg, *schema.Message) {
+	t.Helper()
+	all := e.stored(t)
+	if len(all) == 0 {
+		t.Fatal("CHAT_IN holds no message")
+	}
+	last := all[len(all)-1]
+	m, err := schema.UnmarshalProto(last.Data)
 	if err != nil {
 		t.Fatalf("stored message does not decode: %v", err)
 	}
-	return raw, m
+	return last, m
 }
 
 // notice is an error frame as a client sees it.

@@ -93,6 +93,9 @@ type Config struct {
 	// MaxRESTMessages is the largest number of entries in one POST /messages.
 	// Default 100.
 	MaxRESTMessages int
+	// Node names this gateway in the subject of its CHAT_IN batches
+	// (schema.ChatInBatch): 1 to 64 of [A-Za-z0-9_-]. Default "gateway".
+	Node string
 }
 
 // Defaults.
@@ -180,6 +183,12 @@ func New(cfg Config) (*Gateway, error) {
 	if cfg.MaxRESTMessages == 0 {
 		cfg.MaxRESTMessages = DefaultMaxRESTMessages
 	}
+	if cfg.Node == "" {
+		cfg.Node = "gateway"
+	}
+	if !validNode(cfg.Node) {
+		return nil, fmt.Errorf("gateway: config: node %q is not 1 to 64 of [A-Za-z0-9_-]", cfg.Node)
+	}
 	g := &Gateway{
 		cfg:       cfg,
 		log:       cfg.Logger,
@@ -187,7 +196,7 @@ func New(cfg Config) (*Gateway, error) {
 		hardLimit: max(4*int64(cfg.MaxFrameBytes), 1<<20),
 		burst:     max(1, int(math.Ceil(2*cfg.RatePerSecond))),
 		conns:     make(map[*conn]struct{}),
-		commit:    newCommitter(cfg.JS, cfg.Logger, cfg.PublishTimeout),
+		commit:    newCommitter(cfg.JS, cfg.Logger, cfg.PublishTimeout, cfg.Node),
 	}
 	g.ctx, g.cancel = context.WithCancel(context.Background())
 	for _, o := range cfg.AllowedOrigins {
@@ -392,3 +401,16 @@ func newServerID() string {
 }
 
 func nowMs() uint64 { return uint64(time.Now().UnixMilli()) }
+
+func validNode(s string) bool {
+	if len(s) == 0 || len(s) > 64 {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '_' || c == '-') {
+			return false
+		}
+	}
+	return true
+}

@@ -13,14 +13,17 @@ import (
 	"github.com/vartalap/vartalap/schema"
 )
 
-// item is one CHAT_IN message of a batch and what became of it.
+// item is one client message of a batch and what became of it. A CHAT_IN
+// message holds one client message, or many when a gateway stored a batch
+// (schema.ParseBatch).
 type item struct {
-	jm     jetstream.Msg
+	src    int    // index of its CHAT_IN message in the fetched batch
+	data   []byte // protobuf Message
 	m      *schema.Message
 	sender schema.UserID
-	// base is the Nats-Msg-Id prefix of its copies: the ServerID.
+	// base is the sender part of its copies' Nats-Msg-Id.
 	base string
-	// done: already acked or terminated while planning.
+	// done: needs no storage (client ack, ephemeral, poison).
 	done bool
 	// failed: a copy or notice could not be stored (transient); retry.
 	failed bool
@@ -35,25 +38,34 @@ type out struct {
 	notice bool // an error notice to the sender, not a copy
 }
 
+// fetched is one CHAT_IN message of a batch.
+type fetched struct {
+	jm    jetstream.Msg
+	batch bool // a gateway batch of client messages
+	term  bool // poison: terminate instead of acking
+}
+
 // routeBatch routes a batch of CHAT_IN messages: it stores every copy and
 // notice, then acks (or retries) each CHAT_IN message.
 func (r *Router) routeBatch(ctx context.Context, batch []jetstream.Msg) {
-	r.settle(r.storeBatch(ctx, batch))
+	srcs := make([]fetched, len(batch))
+	for i, jm := range batch {
+		srcs[i].jm = jm
+	}
+	r.settle(srcs, r.storeBatch(ctx, srcs))
 }
 
-// storeBatch plans every copy of batch, stores them as atomic batches and
-// sends inbox_full notices. It acks or terminates only the messages that
-// need no storage (poison, client acks, ephemeral).
-func (r *Router) storeBatch(ctx context.Context, batch []jetstream.Msg) []item {
-	items := make([]item, len(batch))
+// storeBatch plans every copy of the client messages in srcs, stores them
+// as atomic batches and sends inbox_full notices.
+func (r *Router) storeBatch(ctx context.Context, srcs []fetched) []item {
+	items := r.unpack(srcs)
 	var outs []out
 	groups := make(groupCache)
-	for i, jm := range batch {
-		items[i].jm = jm
-		outs = r.plan(ctx, items, i, outs, groups)
+	for i := range items {
+		outs = r.plan(ctx, srcs, items, i, outs, groups)
 	}
 
-	p := progress{items: items, last: time.Now()}
+	p := progress{srcs: srcs, last: time.Now()}
 	r.store(ctx, items, outs, &p)
 
 	// Second round: notices for messages some of whose recipients had a
@@ -69,53 +81,96 @@ func (r *Router) storeBatch(ctx context.Context, batch []jetstream.Msg) []item {
 	return items
 }
 
-// settle acks every stored message and retries the failed ones.
-func (r *Router) settle(items []item) {
+// unpack returns the client messages of srcs in order. A batch that does
+// not parse is poison: its CHAT_IN message is terminated.
+func (r *Router) unpack(srcs []fetched) []item {
+	items := make([]item, 0, len(srcs))
+	for k := range srcs {
+		jm := srcs[k].jm
+		if jm.Headers().Get(schema.HeaderBatch) == "" {
+			items = append(items, item{src: k, data: jm.Data()})
+			continue
+		}
+		srcs[k].batch = true
+		entries, err := schema.ParseBatch(jm.Data())
+		if err != nil {
+			r.log.Error("poison batch terminated", "subject", jm.Subject(), "err", err)
+			srcs[k].term = true
+			continue
+		}
+		for _, e := range entries {
+			items = append(items, item{src: k, data: e.Message})
+		}
+	}
+	return items
+}
+
+// settle acks every CHAT_IN message whose client messages are all stored
+// and retries the others (all of a batch: the copies already stored are
+// de-duplicated on the retry).
+func (r *Router) settle(srcs []fetched, items []item) {
+	failed := make([]bool, len(srcs))
 	for i := range items {
-		it := &items[i]
+		if items[i].failed {
+			failed[items[i].src] = true
+		}
+	}
+	for k := range srcs {
+		jm := srcs[k].jm
 		switch {
-		case it.done:
-		case it.failed:
-			r.retry(it)
+		case srcs[k].term:
+			if err := jm.Term(); err != nil {
+				r.log.Warn("term error", "subject", jm.Subject(), "err", err)
+			}
+		case failed[k]:
+			r.retry(jm)
 		default:
-			if err := it.jm.Ack(); err != nil {
-				r.log.Warn("ack error", "msg_id", it.m.ID, "user", it.sender, "err", err)
+			if err := jm.Ack(); err != nil {
+				r.log.Warn("ack error", "subject", jm.Subject(), "err", err)
 			}
 		}
 	}
 }
 
 // plan decodes items[i] and appends the INBOX messages it needs to outs.
-// Messages that need no storage are acked or terminated here.
-func (r *Router) plan(ctx context.Context, items []item, i int, outs []out, groups groupCache) []out {
+// Messages that need no storage are marked done.
+func (r *Router) plan(ctx context.Context, srcs []fetched, items []item, i int, outs []out, groups groupCache) []out {
 	it := &items[i]
-	jm := it.jm
-	m, err := schema.UnmarshalProto(jm.Data())
+	jm := srcs[it.src].jm
+	m, err := schema.UnmarshalProto(it.data)
 	if err == nil {
 		it.m = m
-		it.sender, err = senderOf(jm.Subject(), m)
+		it.sender, err = senderIn(srcs[it.src], m)
 	}
 	if err != nil {
-		r.log.Error("poison message terminated", "subject", jm.Subject(), "err", err)
-		r.term(it)
+		// A bad single message is terminated; a bad entry of a batch is
+		// dropped and the rest of the batch routed.
+		r.log.Error("poison message dropped", "subject", jm.Subject(), "seq", streamSeq(jm), "err", err)
+		it.done = true
+		if !srcs[it.src].batch {
+			srcs[it.src].term = true
+		}
 		return outs
 	}
-	it.base = m.ServerID
-	if it.base == "" {
-		// The gateway always sets ServerID. Without it every copy of
-		// every such message would share one Nats-Msg-Id; the CHAT_IN
-		// sequence is just as unique and stable across redeliveries.
-		it.base = "in" + strconv.FormatUint(streamSeq(jm), 10)
+	switch {
+	case m.ID != "":
+		it.base = schema.Token(it.sender) + ":" + m.ID
+	case m.ServerID != "":
+		it.base = schema.Token(it.sender) + ":s:" + m.ServerID
+	default:
+		// Gateways validate ids; without one, the CHAT_IN sequence and
+		// position are just as unique and stable across redeliveries.
+		it.base = schema.Token(it.sender) + ":in" + strconv.FormatUint(streamSeq(jm), 10) + "." + strconv.Itoa(i)
 	}
 
 	switch {
 	case m.Type == schema.TypeClientAck:
 		r.log.Debug("client ack on chat_in dropped", "msg_id", m.ID, "user", it.sender)
-		r.ack(it)
+		it.done = true
 		return outs
 	case m.Ephemeral:
-		r.publishLive(ctx, m, it.sender, jm.Data(), groups)
-		r.ack(it)
+		r.publishLive(ctx, m, it.sender, it.data, groups)
+		it.done = true
 		return outs
 	case m.Channel == schema.ChannelGroup:
 		g := schema.GroupID(m.Destination)
@@ -147,13 +202,15 @@ func (r *Router) plan(ctx context.Context, items []item, i int, outs []out, grou
 	}
 }
 
-// copyTo returns the copy of items[i] for recipient u: the unchanged bytes.
+// copyTo returns the copy of items[i] for recipient u: the unchanged bytes,
+// de-duplicated by recipient, sender and client message id, so a resend of
+// a message (or a retry of its batch) is stored once.
 func (r *Router) copyTo(it *item, i int, u schema.UserID) out {
 	return out{
 		msg: &nats.Msg{
 			Subject: schema.UserInbox(u),
-			Header:  nats.Header{schema.HeaderMsgID: []string{it.base + ":" + schema.Token(u)}},
-			Data:    it.jm.Data(),
+			Header:  nats.Header{schema.HeaderMsgID: []string{"c:" + schema.Token(u) + ":" + it.base}},
+			Data:    it.data,
 		},
 		owner: i,
 	}
@@ -166,7 +223,7 @@ func (r *Router) notice(it *item, i int, code, reason string) out {
 	return out{
 		msg: &nats.Msg{
 			Subject: schema.UserInbox(it.sender),
-			Header:  nats.Header{schema.HeaderMsgID: []string{it.base + ":error"}},
+			Header:  nats.Header{schema.HeaderMsgID: []string{"e:" + it.base}},
 			Data:    n.MarshalProto(),
 		},
 		owner:  i,
@@ -209,17 +266,19 @@ func (r *Router) store(ctx context.Context, items []item, outs []out, p *progres
 	}
 }
 
-// retry negatively acknowledges it with a delay growing with its delivery
+// retry negatively acknowledges jm with a delay growing with its delivery
 // count, or terminates it on its last allowed delivery.
-func (r *Router) retry(it *item) {
-	n := numDelivered(it.jm)
+func (r *Router) retry(jm jetstream.Msg) {
+	n := numDelivered(jm)
 	if n >= maxDeliver {
-		r.log.Error("routing gave up", "msg_id", it.m.ID, "user", it.sender, "deliveries", n)
-		r.term(it)
+		r.log.Error("routing gave up", "subject", jm.Subject(), "seq", streamSeq(jm), "deliveries", n)
+		if err := jm.Term(); err != nil {
+			r.log.Warn("term error", "subject", jm.Subject(), "err", err)
+		}
 		return
 	}
-	if err := it.jm.NakWithDelay(retryDelay(n)); err != nil {
-		r.log.Warn("nak error", "msg_id", it.m.ID, "user", it.sender, "err", err)
+	if err := jm.NakWithDelay(retryDelay(n)); err != nil {
+		r.log.Warn("nak error", "subject", jm.Subject(), "err", err)
 	}
 }
 
@@ -233,20 +292,6 @@ func retryDelay(n uint64) time.Duration {
 		return maxRetryDelay
 	}
 	return min(time.Second<<(n-1), maxRetryDelay)
-}
-
-func (r *Router) ack(it *item) {
-	it.done = true
-	if err := it.jm.Ack(); err != nil {
-		r.log.Warn("ack error", "subject", it.jm.Subject(), "err", err)
-	}
-}
-
-func (r *Router) term(it *item) {
-	it.done = true
-	if err := it.jm.Term(); err != nil {
-		r.log.Warn("term error", "subject", it.jm.Subject(), "err", err)
-	}
 }
 
 func numDelivered(jm jetstream.Msg) uint64 {
@@ -268,8 +313,8 @@ func streamSeq(jm jetstream.Msg) uint64 {
 // progress keeps a long batch from being redelivered while it is still
 // being stored: it extends the ack wait of its messages now and then.
 type progress struct {
-	items []item
-	last  time.Time
+	srcs []fetched
+	last time.Time
 }
 
 func (p *progress) touch() {
@@ -277,11 +322,25 @@ func (p *progress) touch() {
 		return
 	}
 	p.last = time.Now()
-	for i := range p.items {
-		if !p.items[i].done {
-			_ = p.items[i].jm.InProgress()
+	for i := range p.srcs {
+		if !p.srcs[i].term {
+			_ = p.srcs[i].jm.InProgress()
 		}
 	}
+}
+
+// senderIn returns the sender of m, received in src. A gateway batch holds
+// messages of many users, each stamped with its authenticated sender; a
+// single message's sender must also be the user its subject names.
+func senderIn(src fetched, m *schema.Message) (schema.UserID, error) {
+	if src.batch {
+		u := schema.UserID(m.Source)
+		if !u.Valid() {
+			return "", fmt.Errorf("source %q is not a valid user id", m.Source)
+		}
+		return u, nil
+	}
+	return senderOf(src.jm.Subject(), m)
 }
 
 // senderOf returns the sender of m received on subject, which must be the

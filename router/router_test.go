@@ -380,8 +380,8 @@ func TestRoute1to1(t *testing.T) {
 	if !bytes.Equal(got[0].Data, sent) {
 		t.Errorf("copy differs from the published bytes")
 	}
-	if id := got[0].Header.Get(schema.HeaderMsgID); id != m.ServerID+":bob" {
-		t.Errorf("copy Nats-Msg-Id %q, want %q", id, m.ServerID+":bob")
+	if id := got[0].Header.Get(schema.HeaderMsgID); id != "c:bob:alice:m1" {
+		t.Errorf("copy Nats-Msg-Id %q, want %q", id, "c:bob:alice:m1")
 	}
 	if n := e.inboxTotal(t); n != 1 {
 		t.Errorf("inbox holds %d messages, want 1", n)
@@ -445,18 +445,22 @@ func TestDedupe(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		fetched, err := cons.Fetch(2, jetstream.FetchMaxWait(5*time.Second))
+		fetchedMsgs, err := cons.Fetch(2, jetstream.FetchMaxWait(5*time.Second))
 		if err != nil {
 			t.Fatal(err)
 		}
 		var batch []jetstream.Msg
-		for jm := range fetched.Messages() {
+		for jm := range fetchedMsgs.Messages() {
 			batch = append(batch, jm)
 		}
 		if len(batch) != 2 {
 			t.Fatalf("fetched %d messages, want 2", len(batch))
 		}
-		for _, it := range e.r.storeBatch(ctx, batch) {
+		srcs := make([]fetched, len(batch))
+		for i, jm := range batch {
+			srcs[i].jm = jm
+		}
+		for _, it := range e.r.storeBatch(ctx, srcs) {
 			if it.done || it.failed {
 				t.Fatalf("first attempt: done %v failed %v", it.done, it.failed)
 			}

@@ -25,6 +25,10 @@ const (
 // ChatIn is the CHAT_IN subject a message from user u is published on.
 func ChatIn(u UserID) string { return "msg.in." + Token(u) }
 
+// ChatInBatch is the CHAT_IN subject a gateway stores its batches on (see
+// ParseBatch): four tokens, so it never equals ChatIn of a user.
+func ChatInBatch(node string) string { return "msg.in.batch." + node }
+
 // Live is the core subject an ephemeral message from user u is published on.
 func Live(u UserID) string { return "msg.live." + Token(u) }
 
@@ -54,4 +58,5 @@ const (
 	HeaderSequence = "Nats-Sequence"      // set on republished INBOX messages
 	HeaderLastSeq  = "Nats-Last-Sequence" // per-subject previous sequence on republished messages
 	HeaderDevice   = "Vartalap-Device"    // sending device on CHAT_IN messages
+	HeaderBatch    = "Vartalap-Batch"     // on a CHAT_IN batch: its format version, "1"
 )

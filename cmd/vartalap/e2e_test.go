@@ -278,6 +278,35 @@ func TestRESTSend(t *testing.T) {
 	}
 }
 
+// A client that resends a message (it missed the SERVER_ACK) over WebSocket
+// or HTTP gets an ack each time; the recipient gets the message once.
+func TestResendDeliveredOnce(t *testing.T) {
+	s := startServer(t, t.TempDir())
+	ka := login(t, s, "alice", "d1")
+	kb := login(t, s, "bob", "d1")
+	alice := dial(t, s, "alice", ka, false)
+	bob := dial(t, s, "bob", kb, false)
+	for range 3 {
+		alice.sendJSON("once", "bob", "hello")
+		alice.expectServerAck("once", wait)
+	}
+	body := `{"_v":2.1,"id":"once","head":{"type":"INDIVIDUAL","to":"bob","contentType":"text"},"body":{"text":"hello"}}`
+	var resp struct {
+		Acks []string `json:"acks"`
+	}
+	if code := call(t, "POST", s.URL+"/messages?ack=true", authHeaders("alice", ka), []string{body}, &resp); code != 201 || len(resp.Acks) != 1 {
+		t.Fatalf("POST /messages: %d %+v", code, resp)
+	}
+	alice.sendJSON("next", "bob", "after")
+	alice.expectServerAck("next", wait)
+	if m := bob.expect(wait); m.ID != "once" {
+		t.Fatalf("bob got %s, want once", m.ID)
+	}
+	if m := bob.expect(wait); m.ID != "next" {
+		t.Fatalf("bob got %s, want next (the resends must not be delivered)", m.ID)
+	}
+}
+
 // Messages, keys and cursors survive a restart on the same data dir.
 func TestRestartKeepsState(t *testing.T) {
 	dir := t.TempDir()

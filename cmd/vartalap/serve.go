@@ -233,6 +233,7 @@ func build(ctx context.Context, c *serveConfig, nc *nats.Conn, js jetstream.JetS
 			Ready:         a.ready,
 			Static:        webclient.FS(),
 			RatePerSecond: c.WSRate,
+			Node:          gatewayNode(c, a.delivery),
 		})
 		if err != nil {
 			return nil, fmt.Errorf("gateway: %w", err)
@@ -302,6 +303,18 @@ func build(ctx context.Context, c *serveConfig, nc *nats.Conn, js jetstream.JetS
 	})
 	a.handler = root
 	return a, nil
+}
+
+// gatewayNode names the gateway in its CHAT_IN subject: --node, else the
+// delivery service's default node name.
+func gatewayNode(c *serveConfig, d *delivery.Service) string {
+	if c.Node != "" {
+		return c.Node
+	}
+	if d != nil {
+		return d.Node()
+	}
+	return ""
 }
 
 // ready reports whether this process can serve: NATS connected and the
