@@ -63,7 +63,9 @@ type entry struct {
 
 type pubReq struct {
 	entry
-	err chan error // buffered: the committer never blocks on it
+	// done receives the outcome exactly once, on the committer's
+	// goroutine: it must not block.
+	done func(error)
 }
 
 func newCommitter(js jetstream.JetStream, log *slog.Logger, timeout time.Duration, node string) *committer {
@@ -85,35 +87,17 @@ func (c *committer) publish(ctx context.Context, e entry) error {
 // then waits for all of them. errs[i] is the outcome of entries[i].
 func (c *committer) publishAll(ctx context.Context, entries []entry) []error {
 	errs := make([]error, len(entries))
-	reqs := make([]pubReq, len(entries))
+	chans := make([]chan error, len(entries))
+	reqs := make([]*pubReq, len(entries))
 	for i, e := range entries {
-		reqs[i] = pubReq{entry: e, err: make(chan error, 1)}
+		ch := make(chan error, 1)
+		chans[i] = ch
+		reqs[i] = &pubReq{entry: e, done: func(err error) { ch <- err }}
 	}
-	c.mu.Lock()
-	if c.closed {
-		c.mu.Unlock()
-		batch := make([]*pubReq, len(reqs))
-		for i := range reqs {
-			batch[i] = &reqs[i]
-		}
-		c.commit(batch)
-	} else {
-		if !c.started {
-			c.started = true
-			go c.loop()
-		}
-		for i := range reqs {
-			c.queue = append(c.queue, &reqs[i])
-		}
-		c.mu.Unlock()
+	c.enqueue(reqs...)
+	for i, ch := range chans {
 		select {
-		case c.wake <- struct{}{}:
-		default:
-		}
-	}
-	for i := range reqs {
-		select {
-		case errs[i] = <-reqs[i].err:
+		case errs[i] = <-ch:
 		case <-ctx.Done():
 			// It may still be stored; the client's resend with the same
 			// id is then de-duplicated by the router.
@@ -121,6 +105,28 @@ func (c *committer) publishAll(ctx context.Context, entries []entry) []error {
 		}
 	}
 	return errs
+}
+
+// enqueue queues reqs in order without waiting; each done is called once
+// its batch is acknowledged, fails or times out (the committer's timeout).
+// After close, enqueue commits reqs itself before it returns.
+func (c *committer) enqueue(reqs ...*pubReq) {
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		c.commit(reqs)
+		return
+	}
+	if !c.started {
+		c.started = true
+		go c.loop()
+	}
+	c.queue = append(c.queue, reqs...)
+	c.mu.Unlock()
+	select {
+	case c.wake <- struct{}{}:
+	default:
+	}
 }
 
 func (c *committer) loop() {
@@ -194,7 +200,7 @@ func (c *committer) commit(reqs []*pubReq) {
 		select {
 		case <-p.f.Ok():
 			for _, r := range p.reqs {
-				r.err <- nil
+				r.done(nil)
 			}
 		case err := <-p.f.Err():
 			c.log.Warn("chat_in batch not stored", "messages", len(p.reqs), "err", err)
@@ -207,7 +213,7 @@ func (c *committer) commit(reqs []*pubReq) {
 
 func (c *committer) fail(reqs []*pubReq, err error) {
 	for _, r := range reqs {
-		r.err <- err
+		r.done(err)
 	}
 }
 

@@ -45,10 +45,13 @@ type conn struct {
 	binary  bool          // server frames are protobuf (format=binary), else JSON text
 	ack     bool          // SERVER_ACK for every accepted message (ack=true)
 	limiter *rate.Limiter // made by the read loop on the first message
-	sess    Session
-	ping    *time.Timer   // marks a ping due every PingInterval
-	done    chan struct{} // closed when the read loop has ended
-	writers sync.WaitGroup
+	// inflight holds a token per message waiting for its commit; made by
+	// the read loop on the first message.
+	inflight chan struct{}
+	sess     Session
+	ping     *time.Timer   // marks a ping due every PingInterval
+	done     chan struct{} // closed when the read loop has ended
+	writers  sync.WaitGroup
 
 	mu          sync.Mutex
 	room        sync.Cond // on mu: signalled when the queue shrinks or the connection is closing
@@ -425,13 +428,65 @@ func (c *conn) handleFrame(ctx context.Context, typ int, data []byte) {
 		return
 	}
 	m.Stamp(c.user, newServerID(), nowMs())
-	if err := c.g.publish(ctx, c.user, c.device, m); err != nil {
-		c.logger().Warn("publish failed", "msg_id", m.ID, "err", err)
-		c.reject(m.ID, schema.CodeUnavailable, "message not stored; resend it")
+	if m.Ephemeral {
+		if err := c.g.publish(ctx, c.user, c.device, m); err != nil {
+			c.logger().Warn("publish failed", "msg_id", m.ID, "err", err)
+			c.reject(m.ID, schema.CodeUnavailable, "message not stored; resend it")
+			return
+		}
+		if c.ack {
+			c.send(c.render(schema.ServerAck(m)))
+		}
 		return
 	}
+	c.commitAsync(ctx, m)
+}
+
+// maxInflight is the most messages of one connection waiting for their
+// CHAT_IN commit; the read loop waits for room beyond that.
+const maxInflight = 64
+
+// commitAsync hands m to the group committer without waiting for it, so
+// the read loop goes on reading and a client's pipelined messages share a
+// commit. The SERVER_ACK (rendered now) or the error notice is queued when
+// the commit's outcome is known; commits complete in order, so acks keep
+// the order of the messages.
+func (c *conn) commitAsync(ctx context.Context, m *schema.Message) {
+	if c.inflight == nil {
+		c.inflight = make(chan struct{}, maxInflight)
+	}
+	select {
+	case c.inflight <- struct{}{}:
+	case <-ctx.Done():
+		c.reject(m.ID, schema.CodeUnavailable, "server shutting down; resend it")
+		return
+	}
+	var ack frame
 	if c.ack {
-		c.send(c.render(schema.ServerAck(m)))
+		ack = c.render(schema.ServerAck(m))
+	}
+	id := m.ID
+	c.g.commit.enqueue(&pubReq{entry: entry{data: m.MarshalProto(), device: c.device}, done: func(err error) {
+		<-c.inflight
+		if err != nil {
+			c.logger().Warn("publish failed", "msg_id", id, "err", err)
+			c.post(c.render(schema.ErrorNotice(c.user, id, schema.CodeUnavailable, "message not stored; resend it", nowMs())))
+			return
+		}
+		if c.ack {
+			c.post(ack)
+		}
+	}})
+}
+
+// post queues f without waiting for room (the queue may exceed
+// OutboundQueue by at most maxInflight answers); it drops f when the
+// connection is closing.
+func (c *conn) post(f frame) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !c.closingLocked() {
+		c.enqueueLocked(f)
 	}
 }
 
