@@ -52,7 +52,8 @@ type Session struct {
 	closing     bool
 	closeCode   int
 	closeReason string
-	ready       bool // Open has loaded the cursor: the worker may start
+	flushed     *flushResult // outcome of the background cursor write, for the worker
+	ready       bool         // Open has loaded the cursor: the worker may start
 	woken       bool // work is pending for the worker
 	working     bool // the worker goroutine runs
 	finished    bool // the last worker has finished: start no other
@@ -73,6 +74,16 @@ type Session struct {
 	timer     *time.Timer // signals the worker when the next redelivery, flush or retry is due
 	spareQ    []*nats.Msg
 	spareAcks []string
+	flushing  bool          // a background cursor write (or purge) runs
+	bgDone    chan struct{} // closed when it ends
+}
+
+// flushResult is the outcome of a background cursor write.
+type flushResult struct {
+	wrote  bool          // a cursor write (not only a purge) ran
+	err    error         // the write failed: the cursor is still dirty
+	merged *deviceCursor // the stored cursor after the write; nil: forgotten
+	purged bool          // the write also purged
 }
 
 type inflight struct {
@@ -223,9 +234,12 @@ func (ss *Session) run() {
 // step handles everything pending; false ends the session.
 func (ss *Session) step() bool {
 	ss.mu.Lock()
-	q, acks, over, closing := ss.inq, ss.acks, ss.overflow, ss.closing
-	ss.inq, ss.acks, ss.overflow, ss.inqBytes = ss.spareQ[:0], ss.spareAcks[:0], false, 0
+	q, acks, over, closing, flushed := ss.inq, ss.acks, ss.overflow, ss.closing, ss.flushed
+	ss.inq, ss.acks, ss.overflow, ss.inqBytes, ss.flushed = ss.spareQ[:0], ss.spareAcks[:0], false, 0, nil
 	ss.mu.Unlock()
+	if flushed != nil {
+		ss.applyFlush(flushed)
+	}
 	defer func() {
 		clear(q)
 		clear(acks)
@@ -256,11 +270,11 @@ func (ss *Session) step() bool {
 			return false
 		}
 	}
-	if ss.dirty && !now.Before(ss.lastFlush.Add(ss.s.cfg.CursorFlush)) {
-		ss.flush(ss.ctx, false)
+	if ss.dirty && !ss.flushing && !now.Before(ss.lastFlush.Add(ss.s.cfg.CursorFlush)) {
+		ss.flushAsync()
 	}
-	if ss.purgeDue && !ss.dirty && !now.Before(ss.lastPurge.Add(ss.s.purgeEvery)) {
-		ss.deferredPurge(ss.ctx)
+	if ss.purgeDue && !ss.dirty && !ss.flushing && !now.Before(ss.lastPurge.Add(ss.s.purgeEvery)) {
+		ss.purgeAsync()
 	}
 	return true
 }
@@ -570,66 +584,167 @@ func (ss *Session) cursor() *deviceCursor {
 	return c
 }
 
-// flush writes the cursor, merging what other writers (a REST ack, an
-// overlapping session on another node) recorded, then purges what every
-// device has acked: at the session's end, and while it runs at most every
-// Service.purgeEvery, 1 minute (a purge is an fsynced write that walks the
-// stream's blocks for the user's subject; one per flush of every busy
-// session cost more than the deliveries themselves: 25% of the CPU in a
-// 1,000-member group benchmark). A purge skipped
-// for that reason runs when purgeEvery has passed (deferredPurge), so the
-// last acks of a burst are purged too.
-func (ss *Session) flush(ctx context.Context, final bool) {
+// Cursor writes: the worker writes the device cursor at most every
+// Config.CursorFlush while it changes, merging what other writers (a REST
+// ack, an overlapping session on another node) recorded, and purges what
+// every device has acked: at the session's end, and while it runs at most
+// every Service.purgeEvery, 1 minute (a purge is an fsynced write that
+// walks the stream's blocks for the user's subject; one per flush of every
+// busy session cost more than the deliveries themselves: 25% of the CPU in
+// a 1,000-member group benchmark). A purge skipped for that reason runs
+// when purgeEvery has passed (purgeAsync), so the last acks of a burst are
+// purged too.
+//
+// While the session runs, the write (a KV read and a compare-and-swap
+// write) goes on in a goroutine of its own, one at a time, so delivery
+// never waits for it: with 1,000 sessions flushing once a second, waiting
+// cost group messages hundreds of milliseconds. The worker applies the
+// outcome on its next step (applyFlush). The final write at the session's
+// end is synchronous (flush).
+
+// flushAsync starts a background write of the cursor as it is now.
+func (ss *Session) flushAsync() {
 	ss.lastFlush = time.Now()
 	if ss.forgotten {
 		ss.dirty = false
 		return
 	}
-	a, err := ss.s.getAssets()
-	if err != nil {
+	mine := ss.cursor()
+	ss.dirty = false
+	purge := time.Since(ss.lastPurge) >= ss.s.purgeEvery
+	if purge {
+		ss.lastPurge, ss.purgeDue = time.Now(), false
+	}
+	ss.background(func(ctx context.Context) flushResult { return ss.writeCursor(ctx, mine, purge) })
+}
+
+// purgeAsync starts the purge a flush skipped, on the current cursors.
+func (ss *Session) purgeAsync() {
+	ss.lastPurge, ss.purgeDue = time.Now(), false // retried after purgeEvery if it fails
+	ss.background(func(ctx context.Context) flushResult {
+		a, err := ss.s.getAssets()
+		if err != nil {
+			return flushResult{}
+		}
+		doc, _, err := cas(ctx, ss.s.log, a.cursors, schema.Token(ss.user), func(*cursorDoc, bool) casOp { return casNone })
+		if err != nil {
+			ss.s.log.Warn("inbox purge", "user", ss.user, "err", err)
+			return flushResult{}
+		}
+		if err := ss.s.maybePurge(ctx, a, ss.user, doc); err != nil {
+			ss.s.log.Warn("inbox purge", "user", ss.user, "err", err)
+		}
+		return flushResult{}
+	})
+}
+
+// background runs op in a goroutine and hands its result to the worker.
+func (ss *Session) background(op func(context.Context) flushResult) {
+	ss.flushing = true
+	done := make(chan struct{})
+	ss.bgDone = done
+	go func() {
+		defer close(done)
+		ctx, cancel := context.WithTimeout(context.WithoutCancel(ss.ctx), ss.s.opTimeout)
+		res := op(ctx)
+		cancel()
+		ss.mu.Lock()
+		ss.flushed = &res
+		ss.mu.Unlock()
+		ss.signal()
+	}()
+}
+
+// applyFlush applies the outcome of a background write to the worker's
+// state.
+func (ss *Session) applyFlush(res *flushResult) {
+	ss.flushing, ss.bgDone = false, nil
+	switch {
+	case !res.wrote:
+	case res.err != nil:
+		ss.dirty = true // write it again after CursorFlush
+	case res.merged == nil:
+		ss.forgotten = true
+	default:
+		ss.adopt(res.merged)
+		if !res.purged {
+			ss.purgeDue = true // else nothing would purge what this write recorded
+		}
+	}
+}
+
+// waitBackground waits for a background write and applies its outcome.
+func (ss *Session) waitBackground() {
+	if ss.bgDone == nil {
 		return
 	}
-	ctx, cancel := context.WithTimeout(ctx, ss.s.opTimeout)
-	defer cancel()
-	mine := ss.cursor()
-	var merged *deviceCursor
+	<-ss.bgDone
+	ss.mu.Lock()
+	res := ss.flushed
+	ss.flushed = nil
+	ss.mu.Unlock()
+	if res != nil {
+		ss.applyFlush(res)
+	}
+}
+
+// writeCursor merges mine into the stored cursor of the device and, if
+// purge, purges what every device has acked. It touches no worker state.
+func (ss *Session) writeCursor(ctx context.Context, mine *deviceCursor, purge bool) flushResult {
+	res := flushResult{wrote: true}
+	a, err := ss.s.getAssets()
+	if err != nil {
+		res.err = err
+		return res
+	}
 	doc, err := ss.s.updateCursor(ctx, a, ss.user, func(d *cursorDoc) bool {
 		c := d.Devices[string(ss.device)]
 		if c == nil {
-			merged = nil
+			res.merged = nil
 			return false // forgotten: do not bring it back
 		}
 		c.merge(mine)
-		merged = &deviceCursor{Floor: c.Floor, Acked: slices.Clone(c.Acked)}
+		res.merged = &deviceCursor{Floor: c.Floor, Acked: slices.Clone(c.Acked)}
 		return true
 	})
 	if err != nil {
 		ss.s.log.Warn("cursor flush", "user", ss.user, "device", ss.device, "err", err)
-		return
+		res.err = err
+		return res
 	}
-	ss.dirty = false
-	if merged == nil {
-		ss.forgotten = true
-		return
+	if res.merged != nil && purge {
+		res.purged = true
+		if err := ss.s.maybePurge(ctx, a, ss.user, doc); err != nil {
+			ss.s.log.Warn("inbox purge", "user", ss.user, "err", err)
+		}
 	}
-	ss.adopt(merged)
-	if !final && time.Since(ss.lastPurge) < ss.s.purgeEvery {
-		ss.purgeDue = true // else nothing would purge what this flush recorded
-		return
-	}
-	ss.purge(ctx, a, doc)
+	return res
 }
 
-// purge removes what every device has acked, as of doc.
-func (ss *Session) purge(ctx context.Context, a *assets, doc *cursorDoc) {
+// flush writes the cursor now, purging too: the session's final write.
+func (ss *Session) flush(ctx context.Context) {
+	ss.lastFlush = time.Now()
+	if ss.forgotten {
+		ss.dirty = false
+		return
+	}
 	ss.lastPurge, ss.purgeDue = time.Now(), false
-	if err := ss.s.maybePurge(ctx, a, ss.user, doc); err != nil {
-		ss.s.log.Warn("inbox purge", "user", ss.user, "err", err)
+	ctx, cancel := context.WithTimeout(ctx, ss.s.opTimeout)
+	defer cancel()
+	res := ss.writeCursor(ctx, ss.cursor(), true)
+	ss.dirty = res.err != nil
+	switch {
+	case res.err != nil:
+	case res.merged == nil:
+		ss.forgotten = true
+	default:
+		ss.adopt(res.merged)
 	}
 }
 
-// deferredPurge runs the purge a flush skipped, on the current cursors.
-func (ss *Session) deferredPurge(ctx context.Context) {
+// purgeNow runs a skipped purge now: at the session's end.
+func (ss *Session) purgeNow(ctx context.Context) {
+	ss.lastPurge, ss.purgeDue = time.Now(), false
 	a, err := ss.s.getAssets()
 	if err != nil {
 		return
@@ -638,11 +753,12 @@ func (ss *Session) deferredPurge(ctx context.Context) {
 	defer cancel()
 	doc, _, err := cas(ctx, ss.s.log, a.cursors, schema.Token(ss.user), func(*cursorDoc, bool) casOp { return casNone })
 	if err != nil {
-		ss.lastPurge = time.Now() // retry after purgeEvery
 		ss.s.log.Warn("inbox purge", "user", ss.user, "err", err)
 		return
 	}
-	ss.purge(ctx, a, doc)
+	if err := ss.s.maybePurge(ctx, a, ss.user, doc); err != nil {
+		ss.s.log.Warn("inbox purge", "user", ss.user, "err", err)
+	}
 }
 
 // adopt applies acks recorded by others to the session.
@@ -690,13 +806,14 @@ func (ss *Session) finish() {
 	if ss.timer != nil {
 		ss.timer.Stop()
 	}
+	ss.waitBackground()
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ss.ctx), ss.s.closeTimeout)
 	defer cancel()
 	switch {
 	case ss.dirty:
-		ss.flush(ctx, true)
+		ss.flush(ctx)
 	case ss.purgeDue:
-		ss.deferredPurge(ctx)
+		ss.purgeNow(ctx)
 	}
 	if a, err := ss.s.getAssets(); err == nil {
 		if err := ss.s.presenceRemove(ctx, a, ss); err != nil {
