@@ -3,6 +3,7 @@ package router
 import (
 	"context"
 	"fmt"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -106,4 +107,44 @@ func BenchmarkFanout(b *testing.B) {
 			e.routeAll(b, uint64(b.N*(size-1)))
 		})
 	}
+}
+
+// BenchmarkFanoutLive is BenchmarkFanout with 1,000 members whose live
+// subjects (the INBOX republish) have a subscriber each, as the delivery
+// service has for connected users.
+func BenchmarkFanoutLive(b *testing.B) {
+	const size = 1000
+	members := make([]schema.UserID, size)
+	for i := range members {
+		members[i] = schema.UserID(fmt.Sprintf("u%d", i))
+	}
+	l := &lister{groups: map[schema.GroupID][]schema.UserID{"g": members}}
+	e := newEnv(b, 1_000_000, Config{Groups: l})
+	nc, err := nats.Connect(e.srv.ClientURL())
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer nc.Close()
+	ch := make(chan *nats.Msg, 8192)
+	var got atomic.Int64
+	go func() {
+		for range ch {
+			got.Add(1)
+		}
+	}()
+	for _, u := range members {
+		if _, err := nc.ChanSubscribe(schema.Deliver(u), ch); err != nil {
+			b.Fatal(err)
+		}
+	}
+	if err := nc.Flush(); err != nil {
+		b.Fatal(err)
+	}
+	msgs := make([]*schema.Message, b.N)
+	for i := range msgs {
+		msgs[i] = msg(string(members[i%size]), "g", fmt.Sprintf("f%d", i), schema.ChannelGroup)
+	}
+	e.prefill(b, msgs)
+	e.routeAll(b, uint64(b.N*(size-1)))
+	b.Logf("live messages received: %d", got.Load())
 }
