@@ -54,9 +54,9 @@ type Session struct {
 	closeReason string
 	flushed     *flushResult // outcome of the background cursor write, for the worker
 	ready       bool         // Open has loaded the cursor: the worker may start
-	woken       bool // work is pending for the worker
-	working     bool // the worker goroutine runs
-	finished    bool // the last worker has finished: start no other
+	woken       bool         // work is pending for the worker
+	working     bool         // the worker goroutine runs
+	finished    bool         // the last worker has finished: start no other
 
 	// Owned by the worker goroutine (one at a time; handed over under mu).
 	floor     uint64              // every seq <= floor is acked by the device

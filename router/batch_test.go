@@ -3,6 +3,7 @@ package router
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"testing"
 	"time"
 
@@ -129,4 +130,46 @@ func TestMalformedBatchTerminated(t *testing.T) {
 	if _, err := terms.NextMsg(10 * time.Second); err != nil {
 		t.Fatalf("terminated advisory: %v", err)
 	}
+}
+
+// CHAT_IN is bounded: past MaxBacklogBytes of unrouted messages, a publish
+// is refused, and accepted again once the router catches up.
+func TestBacklogBounded(t *testing.T) {
+	e := newEnv(t, 100, Config{MaxBacklogBytes: 64 << 10})
+	big := make([]byte, 8<<10)
+	var data []byte
+	data = schema.AppendBatchEntry(data, msg("alice", "bob", "x", schema.ChannelIndividual).MarshalProto(), "phone")
+	data = schema.AppendBatchEntry(data, big, "phone") // a poison entry: dropped by the router
+	refused := false
+	for range 20 {
+		pm := &nats.Msg{Subject: schema.ChatInBatch("gw1"), Data: data, Header: nats.Header{schema.HeaderBatch: []string{"1"}}}
+		if _, err := e.js.PublishMsg(context.Background(), pm); err != nil {
+			refused = true
+			break
+		}
+	}
+	if !refused {
+		t.Fatal("160 KiB accepted into a 64 KiB backlog")
+	}
+	e.start(t)
+	e.waitChatInEmpty(t)
+	e.publishBatch(t, msg("alice", "bob", "later", schema.ChannelIndividual).MarshalProto())
+	got := e.waitInbox(t, "bob", 2)
+	if decode(t, got[len(got)-1].Data).ID != "later" {
+		t.Fatal("the message after the backlog drained was not routed")
+	}
+}
+
+// A batch of 1 MiB (the gateway's limit) is accepted by CHAT_IN.
+func TestLargeBatchAccepted(t *testing.T) {
+	e := newEnv(t, 100, Config{})
+	e.start(t)
+	var entries [][]byte
+	for i := range 16 {
+		m := msg("alice", "bob", fmt.Sprintf("big%d", i), schema.ChannelIndividual)
+		m.Content = make([]byte, 60<<10)
+		entries = append(entries, m.MarshalProto())
+	}
+	e.publishBatch(t, entries...)
+	e.waitInbox(t, "bob", 16)
 }

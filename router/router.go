@@ -37,8 +37,9 @@ const (
 // Defaults.
 const (
 	DefaultBatch           = 256
-	DefaultMaxMessageBytes = 256 << 10
+	DefaultMaxMessageBytes = 1<<20 + 64<<10
 	DefaultReplicas        = 1
+	DefaultMaxBacklogBytes = 1 << 30
 )
 
 const (
@@ -89,22 +90,29 @@ type Config struct {
 	// Batch is the number of CHAT_IN messages fetched and routed together.
 	// Default 256.
 	Batch int
-	// MaxMessageBytes is CHAT_IN's MaxMsgSize. Default 256 KiB.
+	// MaxMessageBytes is CHAT_IN's MaxMsgSize. Default and minimum
+	// 1 MiB + 64 KiB: a gateway batch (up to 1 MiB of client messages)
+	// must fit.
 	MaxMessageBytes int32
 	// Replicas is CHAT_IN's replica count. Default 1.
 	Replicas int
+	// MaxBacklogBytes bounds CHAT_IN: accepted messages not yet routed.
+	// Past it, new messages are refused (the client is told to resend).
+	// Default 1 GiB.
+	MaxBacklogBytes int64
 }
 
 // Router routes CHAT_IN messages into INBOX and ephemeral messages to live
 // subscribers.
 type Router struct {
-	js     jetstream.JetStream
-	nc     *nats.Conn
-	log    *slog.Logger
-	groups MemberLister
-	batch  int
-	maxMsg int32
-	repl   int
+	js         jetstream.JetStream
+	nc         *nats.Conn
+	log        *slog.Logger
+	groups     MemberLister
+	batch      int
+	maxMsg     int32
+	repl       int
+	maxBacklog int64
 }
 
 // New returns a Router for cfg, with defaults filled in.
@@ -127,22 +135,28 @@ func New(cfg Config) (*Router, error) {
 	if cfg.Replicas == 0 {
 		cfg.Replicas = DefaultReplicas
 	}
+	if cfg.MaxBacklogBytes == 0 {
+		cfg.MaxBacklogBytes = DefaultMaxBacklogBytes
+	}
 	switch {
+	case cfg.MaxBacklogBytes < 0:
+		return nil, fmt.Errorf("router: config: max backlog %d is negative", cfg.MaxBacklogBytes)
 	case cfg.Batch < 0:
 		return nil, fmt.Errorf("router: config: batch %d is negative", cfg.Batch)
-	case cfg.MaxMessageBytes < 0:
-		return nil, fmt.Errorf("router: config: max message bytes %d is negative", cfg.MaxMessageBytes)
+	case cfg.MaxMessageBytes < DefaultMaxMessageBytes:
+		return nil, fmt.Errorf("router: config: max message bytes %d is below %d (a gateway batch)", cfg.MaxMessageBytes, DefaultMaxMessageBytes)
 	case cfg.Replicas < 0:
 		return nil, fmt.Errorf("router: config: replicas %d is negative", cfg.Replicas)
 	}
 	return &Router{
-		js:     cfg.JS,
-		nc:     cfg.NC,
-		log:    cfg.Logger,
-		groups: cfg.Groups,
-		batch:  cfg.Batch,
-		maxMsg: cfg.MaxMessageBytes,
-		repl:   cfg.Replicas,
+		js:         cfg.JS,
+		nc:         cfg.NC,
+		log:        cfg.Logger,
+		groups:     cfg.Groups,
+		batch:      cfg.Batch,
+		maxMsg:     cfg.MaxMessageBytes,
+		repl:       cfg.Replicas,
+		maxBacklog: cfg.MaxBacklogBytes,
 	}, nil
 }
 
@@ -155,7 +169,12 @@ func (r *Router) Setup(ctx context.Context) error {
 		Subjects:    []string{schema.SubjectChatInAll},
 		Retention:   jetstream.LimitsPolicy, // routed messages are purged in bulk (purgeRouted)
 		MaxAge:      maxChatInAge,
-		// The gateways group-commit client messages as atomic batches.
+		// A backlog the router cannot keep up with is bounded: past
+		// MaxBytes, gateways are refused and tell their clients to resend
+		// later, instead of the disk filling up.
+		MaxBytes: r.maxBacklog,
+		Discard:  jetstream.DiscardNew,
+		// Older gateways group-commit client messages as atomic batches.
 		AllowAtomicPublish: true,
 		Storage:            jetstream.FileStorage,
 		Duplicates:         2 * time.Minute,

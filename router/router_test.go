@@ -305,14 +305,16 @@ func TestNew(t *testing.T) {
 				t.Error("nc or logger not defaulted")
 			}
 		}},
-		{name: "explicit", cfg: Config{JS: js, Batch: 8, MaxMessageBytes: 1024, Replicas: 3}, check: func(t *testing.T, r *Router) {
-			if r.batch != 8 || r.maxMsg != 1024 || r.repl != 3 {
-				t.Errorf("batch %d max %d replicas %d, want 8 1024 3", r.batch, r.maxMsg, r.repl)
+		{name: "explicit", cfg: Config{JS: js, Batch: 8, MaxMessageBytes: 2 << 20, Replicas: 3}, check: func(t *testing.T, r *Router) {
+			if r.batch != 8 || r.maxMsg != 2<<20 || r.repl != 3 {
+				t.Errorf("batch %d max %d replicas %d, want 8 2 MiB 3", r.batch, r.maxMsg, r.repl)
 			}
 		}},
 		{name: "no jetstream", cfg: Config{}, wantErr: true},
 		{name: "negative batch", cfg: Config{JS: js, Batch: -1}, wantErr: true},
 		{name: "negative size", cfg: Config{JS: js, MaxMessageBytes: -1}, wantErr: true},
+		{name: "size below a batch", cfg: Config{JS: js, MaxMessageBytes: 256 << 10}, wantErr: true},
+		{name: "negative backlog", cfg: Config{JS: js, MaxBacklogBytes: -1}, wantErr: true},
 		{name: "negative replicas", cfg: Config{JS: js, Replicas: -1}, wantErr: true},
 	}
 	for _, tc := range tests {
@@ -329,7 +331,7 @@ func TestNew(t *testing.T) {
 }
 
 func TestSetupIdempotent(t *testing.T) {
-	e := newEnv(t, 100, Config{Batch: 16, MaxMessageBytes: 4096})
+	e := newEnv(t, 100, Config{Batch: 16, MaxMessageBytes: 3 << 20})
 	ctx := context.Background()
 	if err := e.r.Setup(ctx); err != nil {
 		t.Fatalf("second setup: %v", err)
@@ -340,7 +342,7 @@ func TestSetupIdempotent(t *testing.T) {
 	}
 	cfg := st.CachedInfo().Config
 	if cfg.Retention != jetstream.LimitsPolicy || cfg.MaxAge != maxChatInAge || cfg.Storage != jetstream.FileStorage ||
-		cfg.Duplicates != 2*time.Minute || cfg.MaxMsgSize != 4096 || !slices.Equal(cfg.Subjects, []string{"msg.in.>"}) {
+		cfg.Duplicates != 2*time.Minute || cfg.MaxMsgSize != 3<<20 || cfg.MaxBytes != DefaultMaxBacklogBytes || cfg.Discard != jetstream.DiscardNew || !slices.Equal(cfg.Subjects, []string{"msg.in.>"}) {
 		t.Errorf("chat_in config: %+v", cfg)
 	}
 	c, err := st.Consumer(ctx, ConsumerName)

@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"net/http"
+	"strings"
 	"testing"
 	"time"
 
@@ -304,6 +305,32 @@ func TestResendDeliveredOnce(t *testing.T) {
 	}
 	if m := bob.expect(wait); m.ID != "next" {
 		t.Fatalf("bob got %s, want next (the resends must not be delivered)", m.ID)
+	}
+}
+
+// Large messages sent together fill gateway batches of up to 1 MiB, which
+// CHAT_IN accepts and the router routes.
+func TestLargeMessagesBatched(t *testing.T) {
+	s := startServer(t, t.TempDir())
+	ka := login(t, s, "alice", "d1")
+	kb := login(t, s, "bob", "d1")
+	text := strings.Repeat("x", 60<<10)
+	var entries []string
+	for i := range 40 {
+		entries = append(entries, fmt.Sprintf(`{"_v":2.1,"id":"big%d","head":{"type":"INDIVIDUAL","to":"bob","contentType":"text"},"body":{"text":%q}}`, i, text))
+	}
+	var resp struct {
+		Acks   []string         `json:"acks"`
+		Errors []map[string]any `json:"errors"`
+	}
+	if code := call(t, "POST", s.URL+"/messages?ack=true", authHeaders("alice", ka), entries, &resp); code != 201 || len(resp.Acks) != 40 || len(resp.Errors) != 0 {
+		t.Fatalf("POST /messages: %d, %d acks, errors %v", code, len(resp.Acks), resp.Errors)
+	}
+	bob := dial(t, s, "bob", kb, false)
+	for i := range 40 {
+		if m := bob.expect(wait); m.ID != fmt.Sprintf("big%d", i) {
+			t.Fatalf("bob got %s, want big%d", m.ID, i)
+		}
 	}
 }
 
