@@ -14,10 +14,15 @@
 // # Subjects
 //
 // Publishes (never consumes):
-//   - schema.ChatIn(user) (msg.in.<user>, stream CHAT_IN, owned by router):
-//     every accepted non-ephemeral client message, protobuf, with headers
-//     Nats-Msg-Id "<token(user)>:<message id>" (JetStream de-duplication: a
-//     resend of the same id is stored once) and Vartalap-Device.
+//   - schema.ChatInBatch(node) (msg.in.batch.<node>, stream CHAT_IN, owned
+//     by router): every accepted non-ephemeral client message, protobuf,
+//     group-committed: what the connections of this process queued while
+//     the previous write was in flight is one CHAT_IN message, a batch
+//     (schema.ParseBatch, header Vartalap-Batch) of (message, device)
+//     entries, up to 1 MiB. A resend of the same id is stored again; the
+//     router stores one copy per recipient. WebSocket read loops do not wait
+//     for the commit: SERVER_ACKs (in message order) and "unavailable"
+//     notices are queued when its outcome is known.
 //   - schema.Live(user) (msg.live.<user>, core NATS): ephemeral messages,
 //     never stored.
 //

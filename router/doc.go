@@ -4,24 +4,30 @@
 // # What it owns
 //
 // The stream CHAT_IN (schema.StreamChatIn, subjects msg.in.>, limits
-// retention with routed messages purged in bulk, file storage, 2 minute
-// Nats-Msg-Id de-duplication) and its durable pull consumer "router". Setup creates or updates both
+// retention with routed messages purged in bulk, file storage, at most
+// Config.MaxBacklogBytes (1 GiB; past it new messages are refused, and
+// gateways ask their clients to resend), messages up to 1 MiB + 64 KiB) and
+// its durable pull consumer "router". Setup creates or updates both
 // idempotently.
 //
 // # Subjects
 //
 // Consumed:
-//   - msg.in.<sender> through the durable consumer "router": messages the
-//     gateway accepted (protobuf schema.Message, ServerID set).
+//   - msg.in.> through the durable consumer "router": gateway batches on
+//     msg.in.batch.<node> (schema.ParseBatch: many senders' messages, each
+//     stamped with its authenticated sender), and single messages on
+//     msg.in.<sender> (protobuf schema.Message; the subject must name its
+//     source).
 //   - msg.live.<sender> (core NATS, queue group "router"): ephemeral
 //     messages, never stored anywhere.
 //
 // Published:
 //   - msg.user.<recipient> (stream INBOX, owned by delivery): one copy of each
 //     message per recipient, the unchanged protobuf bytes, with Nats-Msg-Id
-//     "<ServerID>:<Token(recipient)>"; error notices (NOTIFICATION from
-//     "server", meta action "error") to the sender's inbox with Nats-Msg-Id
-//     "<ServerID>:error".
+//     "c:<Token(recipient)>:<Token(sender)>:<client message id>", so a
+//     client's resend and a retry of a batch store one copy; error notices
+//     (NOTIFICATION from "server", meta action "error") to the sender's
+//     inbox with Nats-Msg-Id "e:<Token(sender)>:<client message id>".
 //   - deliver.user.<recipient> (core NATS): ephemeral messages.
 //
 // Requested: group membership through the MemberLister given in Config.
@@ -50,8 +56,10 @@
 // inbox is answered with a notice, anything else is transient and the CHAT_IN
 // message is negatively acknowledged with a delay growing with its delivery
 // count (capped below the duplicate window, so a retry stores each copy
-// once). An undecodable payload is terminated and logged, never retried. A
-// message still failing on its last allowed delivery is terminated and logged.
+// once). A CHAT_IN batch is acked or retried as a whole. An undecodable
+// CHAT_IN message is terminated and logged, never retried; an undecodable
+// entry of a batch is logged and dropped, and the rest routed. A message
+// still failing on its last allowed delivery is terminated and logged.
 //
 // # Order and concurrency
 //
