@@ -99,6 +99,7 @@ type Service struct {
 	opTimeout     time.Duration // timeout of one NATS operation
 	closeTimeout  time.Duration // bound on a session's final flush
 	purgeEvery    time.Duration // how often a running session purges acked mail
+	purgeAcks     int           // acks since the last purge that make the next flush purge anyway
 	maxAckPending int           // acks queued for a session before extra ones are dropped
 
 	assets atomic.Pointer[assets]
@@ -194,6 +195,7 @@ func New(cfg Config) (*Service, error) {
 		opTimeout:     10 * time.Second,
 		closeTimeout:  5 * time.Second,
 		purgeEvery:    time.Minute,
+		purgeAcks:     1000,
 		maxAckPending: 4 * cfg.MaxInFlight,
 		users:         make(map[schema.UserID]*userSubs),
 		bySubj:        make(map[string]*userSubs),

@@ -412,6 +412,30 @@ func TestPurgeAfterAllDevicesAck(t *testing.T) {
 	}
 }
 
+// A device that acks a lot purges before purgeEvery has passed: acked mail
+// still counts against the inbox cap until it is purged, so a busy reader
+// would otherwise see "inbox full" for mail it has read.
+func TestPurgeAfterManyAcks(t *testing.T) {
+	e := newEnv(t, Config{CursorFlush: 10 * time.Millisecond}, func(s *Service) {
+		s.purgeEvery = time.Hour
+		s.purgeAcks = 20
+	})
+	a := &testSink{}
+	sa := e.open(t, "bob", "phone", a)
+	few := e.publishN(t, "bob", "f", 5)
+	waitIDs(t, a, few)
+	sa.Ack(few...)
+	waitFor(t, "cursor", func() bool { return e.cursorOf(t, "bob").Devices["phone"].Floor > 0 })
+	time.Sleep(50 * time.Millisecond) // several flushes: too few acks to purge
+	if n := e.stored(t, "bob"); n != 5 {
+		t.Fatalf("stored %d after 5 acks, want 5 (purge not due)", n)
+	}
+	many := e.publishN(t, "bob", "m", 30)
+	waitIDs(t, a, append(few, many...))
+	sa.Ack(many...)
+	waitFor(t, "purge after many acks", func() bool { return e.stored(t, "bob") == 0 })
+}
+
 func TestCursorSurvivesRestart(t *testing.T) {
 	leakCheck(t)
 	dir := t.TempDir()

@@ -68,6 +68,7 @@ type Session struct {
 	forgotten bool                // the device's cursor was dropped (logout)
 	lastFlush time.Time
 	lastPurge time.Time
+	unpurged  int       // acks applied since the last purge
 	purgeDue  bool      // a flush skipped its purge (too soon after the last): purge at lastPurge+purgeEvery
 	retryAt   time.Time // after a read error: when to read again
 	backoff   time.Duration
@@ -528,6 +529,7 @@ func (ss *Session) applyAcks(ids []string) {
 		}
 	}
 	if n > 0 {
+		ss.unpurged += n
 		ss.advance()
 	}
 }
@@ -611,16 +613,18 @@ func (ss *Session) flushAsync() {
 	}
 	mine := ss.cursor()
 	ss.dirty = false
-	purge := time.Since(ss.lastPurge) >= ss.s.purgeEvery
+	// Acked mail still counts against the inbox cap until it is purged:
+	// a device that reads a lot purges sooner than purgeEvery.
+	purge := time.Since(ss.lastPurge) >= ss.s.purgeEvery || ss.unpurged >= ss.s.purgeAcks
 	if purge {
-		ss.lastPurge, ss.purgeDue = time.Now(), false
+		ss.lastPurge, ss.purgeDue, ss.unpurged = time.Now(), false, 0
 	}
 	ss.background(func(ctx context.Context) flushResult { return ss.writeCursor(ctx, mine, purge) })
 }
 
 // purgeAsync starts the purge a flush skipped, on the current cursors.
 func (ss *Session) purgeAsync() {
-	ss.lastPurge, ss.purgeDue = time.Now(), false // retried after purgeEvery if it fails
+	ss.lastPurge, ss.purgeDue, ss.unpurged = time.Now(), false, 0 // retried after purgeEvery if it fails
 	ss.background(func(ctx context.Context) flushResult {
 		a, err := ss.s.getAssets()
 		if err != nil {
