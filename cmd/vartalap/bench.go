@@ -60,6 +60,11 @@ type benchResult struct {
 	Sent           int64    `json:"sent"`
 	ServerAcked    int64    `json:"server_acked"`
 	Delivered      int64    `json:"delivered"`
+	// SendSeconds is how long messages were sent; DeliveredSending is what
+	// was delivered by its end: the rate the server kept up with, without
+	// the drain of a backlog.
+	SendSeconds      float64 `json:"send_seconds,omitempty"`
+	DeliveredSending int64   `json:"delivered_while_sending,omitempty"`
 	Duplicates     int64    `json:"duplicates"`
 	Undelivered    int64    `json:"undelivered"` // server-acked but not received by the end of the drain
 	Errors         int64    `json:"errors"`
@@ -85,6 +90,8 @@ func (r *benchResult) merge(o *benchResult) {
 	r.Sent += o.Sent
 	r.ServerAcked += o.ServerAcked
 	r.Delivered += o.Delivered
+	r.SendSeconds = max(r.SendSeconds, o.SendSeconds)
+	r.DeliveredSending += o.DeliveredSending
 	r.Duplicates += o.Duplicates
 	r.Undelivered += o.Undelivered
 	r.Errors += o.Errors
@@ -666,17 +673,23 @@ func (b *bencher) direct(ctx context.Context, lo, hi int) error {
 
 // report prints progress every second until --duration ends, then closes stop.
 func (b *bencher) report(ctx context.Context, stop chan struct{}) {
+	start := time.Now()
 	end := time.After(b.c.Duration)
 	t := time.NewTicker(time.Second)
 	defer t.Stop()
 	var last int64
+	finish := func() {
+		b.res.SendSeconds = time.Since(start).Seconds()
+		b.res.DeliveredSending = atomic.LoadInt64(&b.res.Delivered)
+		close(stop)
+	}
 	for {
 		select {
 		case <-ctx.Done():
-			close(stop)
+			finish()
 			return
 		case <-end:
-			close(stop)
+			finish()
 			return
 		case <-t.C:
 			d := atomic.LoadInt64(&b.res.Delivered)
@@ -929,6 +942,9 @@ func printResult(w io.Writer, r *benchResult) {
 	if r.Sent > 0 {
 		fmt.Fprintf(w, "sent / server-acked %d / %d\n", r.Sent, r.ServerAcked)
 		fmt.Fprintf(w, "delivered           %d (%.0f/s over %.1fs), duplicates %d, undelivered after a 15s drain %d\n", r.Delivered, float64(r.Delivered)/max(r.Seconds, 1e-9), r.Seconds, r.Duplicates, r.Undelivered)
+		if r.SendSeconds > 0 {
+			fmt.Fprintf(w, "while sending       %d delivered in %.1fs (%.0f/s)\n", r.DeliveredSending, r.SendSeconds, float64(r.DeliveredSending)/r.SendSeconds)
+		}
 	}
 	for _, l := range []struct {
 		name string
