@@ -76,11 +76,15 @@ func DecodeJSON(data []byte) (*Message, error) {
 	if !utf8.Valid(data) {
 		return nil, decodeErr(CodeMalformed, "", "frame is not valid utf-8")
 	}
-	var top map[string]json.RawMessage
-	if err := json.Unmarshal(data, &top); err != nil || top == nil {
+	if !json.Valid(data) {
 		return nil, decodeErr(CodeMalformed, "", "frame is not a json object")
 	}
-	version, ok := jsonVersion(top["_v"])
+	var buf [12]member
+	top, ok := objectMembers(data, buf[:])
+	if !ok {
+		return nil, decodeErr(CodeMalformed, "", "frame is not a json object")
+	}
+	version, ok := jsonVersion(top.get("_v"))
 	if !ok {
 		return nil, decodeErr(CodeMalformed, "", "_v is not a number")
 	}
@@ -163,6 +167,9 @@ func metaValue(raw json.RawMessage) (string, bool) {
 // compactJSON returns raw without insignificant whitespace, as the seed's
 // JSON.stringify would write it.
 func compactJSON(raw json.RawMessage) []byte {
+	if bytes.IndexAny(raw, " \t\n\r") < 0 {
+		return append([]byte(nil), raw...) // already compact
+	}
 	var buf bytes.Buffer
 	buf.Grow(len(raw))
 	if err := json.Compact(&buf, raw); err != nil {
@@ -172,25 +179,26 @@ func compactJSON(raw json.RawMessage) []byte {
 	return buf.Bytes()
 }
 
-func decodeV2(top map[string]json.RawMessage, version float64) (*Message, error) {
+func decodeV2(top members, version float64) (*Message, error) {
 	m := &Message{Version: float32(version), Type: TypeMessage, Channel: ChannelIndividual}
-	id, _, ok := jsonString(top["id"])
+	id, _, ok := jsonString(top.get("id"))
 	if !ok {
 		return nil, decodeErr(CodeBadID, "", "id is not a string")
 	}
 	m.ID = id
 
-	var head map[string]json.RawMessage
-	if raw := top["head"]; !isNull(raw) {
+	var head members
+	var headBuf [12]member
+	if raw := top.get("head"); !isNull(raw) {
 		if raw[0] != '{' {
 			return nil, decodeErr(CodeMalformed, id, "head is not an object")
 		}
-		if err := json.Unmarshal(raw, &head); err != nil {
+		if head, ok = objectMembers(raw, headBuf[:]); !ok {
 			return nil, decodeErr(CodeMalformed, id, "head is not an object")
 		}
 	}
 
-	if s, present, ok := jsonString(head[headType]); !ok {
+	if s, present, ok := jsonString(head.get(headType)); !ok {
 		return nil, decodeErr(CodeBadChannel, id, "head.type is not a string")
 	} else if present {
 		c, known := ParseChannel(s)
@@ -200,7 +208,7 @@ func decodeV2(top map[string]json.RawMessage, version float64) (*Message, error)
 		m.Channel = c
 	}
 
-	if s, present, ok := jsonString(head[headContentType]); !ok {
+	if s, present, ok := jsonString(head.get(headContentType)); !ok {
 		return nil, decodeErr(CodeBadType, id, "head.contentType is not a string")
 	} else if present {
 		if t, known := ParseType(s); known {
@@ -209,30 +217,33 @@ func decodeV2(top map[string]json.RawMessage, version float64) (*Message, error)
 		m.setMeta(MetaContentType, s)
 	}
 
-	eph, ok := jsonEphemeral(head[headEphemeral])
+	eph, ok := jsonEphemeral(head.get(headEphemeral))
 	if !ok {
 		return nil, decodeErr(CodeBadEphemeral, id, "head.ephemeral is not a boolean")
 	}
 	m.Ephemeral = eph
 
-	to, _, ok := jsonString(head[headTo])
+	to, _, ok := jsonString(head.get(headTo))
 	if !ok {
 		return nil, decodeErr(CodeBadTo, id, "head.to is not a string")
 	}
 	m.Destination = to
 
-	for k, raw := range head {
-		switch k {
+	for i, mb := range head {
+		switch string(mb.key) {
 		case headType, headFrom, headTo, headContentType, headEphemeral:
 			continue
 		}
-		if v, ok := metaValue(raw); ok {
-			m.setMeta(k, v)
+		if head.shadowed(i) {
+			continue // a later member of the same key wins
+		}
+		if v, ok := metaValue(mb.raw); ok {
+			m.setMeta(string(mb.key), v)
 		}
 	}
 
-	if raw, ok := top["body"]; ok {
-		m.Content = compactJSON(raw)
+	if top.has("body") {
+		m.Content = compactJSON(top.get("body"))
 	}
 	return m, nil
 }
@@ -257,21 +268,21 @@ func jsonEphemeral(raw json.RawMessage) (v, ok bool) {
 	return false, false
 }
 
-func decodeV1(top map[string]json.RawMessage) (*Message, error) {
+func decodeV1(top members) (*Message, error) {
 	m := &Message{Version: 1, Type: TypeMessage, Channel: ChannelIndividual}
-	id, _, ok := jsonString(top["msgId"])
+	id, _, ok := jsonString(top.get("msgId"))
 	if !ok {
 		return nil, decodeErr(CodeBadID, "", "msgId is not a string")
 	}
 	m.ID = id
 
 	// The seed reads `chatType || module`: an empty chatType falls through.
-	chatType, present, ok := jsonString(top["chatType"])
+	chatType, present, ok := jsonString(top.get("chatType"))
 	if !ok {
 		return nil, decodeErr(CodeBadChannel, id, "chatType is not a string")
 	}
 	if !present || chatType == "" {
-		module, mPresent, ok := jsonString(top["module"])
+		module, mPresent, ok := jsonString(top.get("module"))
 		if !ok {
 			return nil, decodeErr(CodeBadChannel, id, "module is not a string")
 		}
@@ -287,7 +298,7 @@ func decodeV1(top map[string]json.RawMessage) (*Message, error) {
 		m.Channel = c
 	}
 
-	if s, present, ok := jsonString(top["type"]); !ok {
+	if s, present, ok := jsonString(top.get("type")); !ok {
 		return nil, decodeErr(CodeBadType, id, "type is not a string")
 	} else if present {
 		if t, known := ParseType(s); known {
@@ -296,13 +307,14 @@ func decodeV1(top map[string]json.RawMessage) (*Message, error) {
 		m.setMeta(MetaContentType, s)
 	}
 
-	to, _, ok := jsonString(top["to"])
+	to, _, ok := jsonString(top.get("to"))
 	if !ok {
 		return nil, decodeErr(CodeBadTo, id, "to is not a string")
 	}
 	m.Destination = to
 
-	if raw, ok := top["text"]; ok {
+	if top.has("text") {
+		raw := top.get("text")
 		c := make([]byte, 0, len(raw)+10)
 		c = append(c, `{"text":`...)
 		c = append(c, compactJSON(raw)...)
@@ -311,15 +323,15 @@ func decodeV1(top map[string]json.RawMessage) (*Message, error) {
 		m.Content = []byte("{}")
 	}
 
-	chatID := top["chatId"]
+	chatID := top.get("chatId")
 	if isNull(chatID) || string(chatID) == `""` {
-		chatID = top["chatid"]
+		chatID = top.get("chatid")
 	}
 	if v, ok := metaValue(chatID); ok {
 		m.setMeta(MetaChatID, v)
 	}
 	for _, k := range [...]string{MetaAction, "state"} {
-		if v, ok := metaValue(top[k]); ok {
+		if v, ok := metaValue(top.get(k)); ok {
 			m.setMeta(k, v)
 		}
 	}
