@@ -243,6 +243,7 @@ func (s *Service) AckByID(ctx context.Context, user schema.UserID, device schema
 	upd := deviceCursor{Floor: cur.Floor}
 	contiguous := true
 	var scanned int64
+	matched := 0 // messages acked now, not before
 	_, err = s.scan(ctx, schema.UserInbox(user), cur.Floor+1, 256, func(m *jetstream.RawStreamMsg) bool {
 		scanned++
 		acked := false
@@ -250,6 +251,9 @@ func (s *Service) AckByID(ctx context.Context, user schema.UserID, device schema
 			acked = true
 		} else if msg, err := schema.UnmarshalProto(m.Data); err == nil {
 			_, acked = want[msg.ID]
+			if acked {
+				matched++
+			}
 			if acked && !contiguous {
 				upd.Acked = append(upd.Acked, m.Sequence)
 			}
@@ -284,8 +288,13 @@ func (s *Service) AckByID(ctx context.Context, user schema.UserID, device schema
 	if err != nil {
 		return err
 	}
-	for _, ss := range s.local(user, device) {
+	local := s.local(user, device)
+	for _, ss := range local {
 		ss.Ack(ids...)
+	}
+	if len(local) == 0 {
+		// A session here counts the acks it applies itself.
+		s.metrics.acks.Add(float64(matched))
 	}
 	return s.maybePurge(ctx, a, user, doc)
 }

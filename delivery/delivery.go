@@ -16,6 +16,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/vartalap/vartalap/schema"
 )
@@ -77,16 +78,21 @@ type Config struct {
 	// (and always when it ends). A crash loses at most this much of a
 	// device's acks: those messages are delivered again. Default: 1s.
 	CursorFlush time.Duration
+	// Metrics registers the service's Prometheus collectors
+	// (vartalap_delivery_*). Default nil: they count but are not
+	// registered. New fails if they cannot be registered (e.g. twice).
+	Metrics prometheus.Registerer
 }
 
 // Service owns the INBOX stream, the cursors, presence and nodes buckets, and
 // the delivery sessions of this process. Create it with New, call Setup, run
 // Run, then Open sessions.
 type Service struct {
-	cfg Config
-	log *slog.Logger
-	js  jetstream.JetStream
-	nc  *nats.Conn
+	cfg     Config
+	log     *slog.Logger
+	js      jetstream.JetStream
+	nc      *nats.Conn
+	metrics *metrics
 
 	// Knobs with fixed production values; tests in this package change them
 	// between New and Setup/Run.
@@ -180,12 +186,17 @@ func New(cfg Config) (*Service, error) {
 	case cfg.CursorFlush < 0:
 		return nil, errors.New("delivery: config: negative CursorFlush")
 	}
+	m, err := newMetrics(cfg.Metrics)
+	if err != nil {
+		return nil, fmt.Errorf("delivery: %w", err)
+	}
 	s := &Service{
 		up:            make(chan struct{}),
 		cfg:           cfg,
 		log:           cfg.Logger,
 		js:            cfg.JS,
 		nc:            cfg.NC,
+		metrics:       m,
 		nodeTTL:       30 * time.Second,
 		heartbeat:     10 * time.Second,
 		liveBuffer:    65536,
@@ -657,6 +668,7 @@ func (s *Service) Open(ctx context.Context, user schema.UserID, device schema.De
 	}
 	ss.init(cur)
 	started = true
+	s.metrics.sessions.Inc() // finish decrements it
 	ss.start()
 	return ss, nil
 }

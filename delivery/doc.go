@@ -82,4 +82,14 @@
 // are batched Direct Gets whose replies land on a channel sized for one
 // batch. The dispatcher never blocks on a session. All exported methods are safe for concurrent use. Sink methods
 // are called from the session goroutine and must not block or call Close.
+//
+// # Metrics
+//
+// The Service's collectors (metrics.go, shared by its sessions: a session
+// holds none) are registered on Config.Metrics: vartalap_delivery_sessions,
+// vartalap_delivery_delivered_total (messages handed to a sink the first
+// time in a session, ephemeral ones included),
+// vartalap_delivery_redelivered_total (after AckTimeout) and
+// vartalap_delivery_acks_total (messages acked by a session, or by AckByID
+// when the device has no session on this node).
 package delivery

@@ -364,6 +364,7 @@ func (ss *Session) live(m *nats.Msg) bool {
 			ss.slowConsumer()
 			return false
 		}
+		ss.s.metrics.delivered.Inc()
 		return true
 	}
 	seq, err := strconv.ParseUint(seqHdr, 10, 64)
@@ -407,6 +408,7 @@ func (ss *Session) send(seq uint64, data []byte) bool {
 		ss.slowConsumer()
 		return false
 	}
+	ss.s.metrics.delivered.Inc()
 	ss.next = seq
 	ss.flight = append(ss.flight, inflight{seq: seq, id: msg.ID, sent: time.Now()})
 	return true
@@ -488,6 +490,7 @@ func (ss *Session) redeliver(now time.Time) bool {
 			dead = true
 			return false
 		}
+		ss.s.metrics.redelivered.Inc()
 		return true
 	})
 	if dead {
@@ -530,6 +533,7 @@ func (ss *Session) applyAcks(ids []string) {
 	}
 	if n > 0 {
 		ss.unpurged += n
+		ss.s.metrics.acks.Add(float64(n))
 		ss.advance()
 	}
 }
@@ -824,6 +828,7 @@ func (ss *Session) finish() {
 			ss.s.log.Warn("presence", "user", ss.user, "device", ss.device, "err", err)
 		}
 	}
+	ss.s.metrics.sessions.Dec()
 	ss.s.unregister(ss)
 	close(ss.done)
 	ss.s.wg.Done()

@@ -45,6 +45,7 @@ type committer struct {
 	timeout time.Duration
 	subject string // schema.ChatInBatch(node)
 	limit   int    // bytes per batch
+	metrics *metrics
 
 	mu      sync.Mutex
 	queue   []*pubReq
@@ -68,12 +69,12 @@ type pubReq struct {
 	done func(error)
 }
 
-func newCommitter(js jetstream.JetStream, log *slog.Logger, timeout time.Duration, node string) *committer {
+func newCommitter(js jetstream.JetStream, log *slog.Logger, timeout time.Duration, node string, m *metrics) *committer {
 	limit := maxBatchBytes
 	if mp := int(js.Conn().MaxPayload()); mp > 0 && mp-batchHeadroom < limit {
 		limit = mp - batchHeadroom
 	}
-	return &committer{js: js, log: log, timeout: timeout, subject: schema.ChatInBatch(node), limit: limit,
+	return &committer{js: js, log: log, timeout: timeout, subject: schema.ChatInBatch(node), limit: limit, metrics: m,
 		wake: make(chan struct{}, 1), stop: make(chan struct{}), done: make(chan struct{})}
 }
 
@@ -170,6 +171,7 @@ func (c *committer) commit(reqs []*pubReq) {
 	type pending struct {
 		reqs []*pubReq
 		f    jetstream.PubAckFuture
+		at   time.Time // when it was published
 	}
 	var sent []pending
 	for len(reqs) > 0 {
@@ -189,16 +191,19 @@ func (c *committer) commit(reqs []*pubReq) {
 			data = schema.AppendBatchEntry(data, r.data, r.device)
 		}
 		msg := &nats.Msg{Subject: c.subject, Header: nats.Header{schema.HeaderBatch: []string{"1"}}, Data: data}
+		c.metrics.commitMsgs.Observe(float64(len(part)))
+		at := time.Now()
 		f, err := c.js.PublishMsgAsync(msg)
 		if err != nil {
 			c.fail(part, fmt.Errorf("publish %s: %w", c.subject, err))
 			continue
 		}
-		sent = append(sent, pending{part, f})
+		sent = append(sent, pending{part, f, at})
 	}
 	for _, p := range sent {
 		select {
 		case <-p.f.Ok():
+			c.metrics.commitTime.Observe(time.Since(p.at).Seconds())
 			for _, r := range p.reqs {
 				r.done(nil)
 			}

@@ -67,7 +67,7 @@ func TestCommitterGroupsConcurrentPublishers(t *testing.T) {
 // batches, all stored, in order.
 func TestCommitterSplitsLargeCommits(t *testing.T) {
 	e := newEnv(t)
-	c := newCommitter(e.js, e.g.log, e.g.cfg.PublishTimeout, "gw1")
+	c := newCommitter(e.js, e.g.log, e.g.cfg.PublishTimeout, "gw1", e.g.metrics)
 	defer c.close()
 	c.limit = 4 << 10
 	entries := make([]entry, 30)
@@ -105,7 +105,7 @@ func TestCommitterPublishAllKeepsOrder(t *testing.T) {
 	for _, closed := range []bool{false, true} {
 		t.Run(fmt.Sprintf("closed=%v", closed), func(t *testing.T) {
 			e := newEnv(t)
-			c := newCommitter(e.js, e.g.log, e.g.cfg.PublishTimeout, "gw1")
+			c := newCommitter(e.js, e.g.log, e.g.cfg.PublishTimeout, "gw1", e.g.metrics)
 			defer c.close()
 			if closed {
 				c.close()

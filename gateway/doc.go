@@ -70,4 +70,16 @@
 // that does not read. Server pings every PingInterval; a socket silent for
 // 2.5×PingInterval is dropped. Shutdown closes every socket with 1001 and
 // waits for the loops.
+//
+// # Metrics
+//
+// The collectors (metrics.go) are registered on Config.Metrics:
+// vartalap_gateway_connections (open WebSockets),
+// vartalap_gateway_messages_total{result=accepted|rejected} (client messages
+// over WebSocket and REST; CLIENT_ACKs and pings are not counted; a message
+// answered with an error notice is rejected),
+// vartalap_gateway_rejections_total{code} (schema.Code*),
+// vartalap_gateway_commit_messages and vartalap_gateway_commit_seconds
+// (client messages per CHAT_IN batch, publish to PubAck) and
+// vartalap_gateway_frames_written_total. Labels never carry ids.
 package gateway

@@ -20,6 +20,7 @@ import (
 	"github.com/gorilla/websocket"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/vartalap/vartalap/internal/api"
 	"github.com/vartalap/vartalap/schema"
@@ -96,6 +97,11 @@ type Config struct {
 	// Node names this gateway in the subject of its CHAT_IN batches
 	// (schema.ChatInBatch): 1 to 64 of [A-Za-z0-9_-]. Default "gateway".
 	Node string
+	// Metrics registers the gateway's Prometheus collectors
+	// (vartalap_gateway_*). Default nil: they count but are not registered.
+	// New fails if they cannot be registered (e.g. a second gateway on the
+	// same registry).
+	Metrics prometheus.Registerer
 }
 
 // Defaults.
@@ -127,6 +133,7 @@ type Gateway struct {
 	burst     int
 	origins   []string
 	commit    *committer // group commit of CHAT_IN publishes
+	metrics   *metrics
 
 	// ctx is the context of the socket goroutines (they outlive their HTTP
 	// requests); Shutdown cancels it.
@@ -189,6 +196,10 @@ func New(cfg Config) (*Gateway, error) {
 	if !validNode(cfg.Node) {
 		return nil, fmt.Errorf("gateway: config: node %q is not 1 to 64 of [A-Za-z0-9_-]", cfg.Node)
 	}
+	m, err := newMetrics(cfg.Metrics)
+	if err != nil {
+		return nil, fmt.Errorf("gateway: %w", err)
+	}
 	g := &Gateway{
 		cfg:       cfg,
 		log:       cfg.Logger,
@@ -196,7 +207,8 @@ func New(cfg Config) (*Gateway, error) {
 		hardLimit: max(4*int64(cfg.MaxFrameBytes), 1<<20),
 		burst:     max(1, int(math.Ceil(2*cfg.RatePerSecond))),
 		conns:     make(map[*conn]struct{}),
-		commit:    newCommitter(cfg.JS, cfg.Logger, cfg.PublishTimeout, cfg.Node),
+		commit:    newCommitter(cfg.JS, cfg.Logger, cfg.PublishTimeout, cfg.Node, m),
+		metrics:   m,
 	}
 	g.ctx, g.cancel = context.WithCancel(context.Background())
 	for _, o := range cfg.AllowedOrigins {

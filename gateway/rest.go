@@ -82,6 +82,7 @@ func (g *Gateway) serveMessages(w http.ResponseWriter, r *http.Request) {
 		if err != nil {
 			code, mid, reason := decodeFailure(err)
 			entries[i].err = &restError{Index: i, ID: mid, Code: code, Reason: reason}
+			g.metrics.reject(code)
 			g.log.Info("message rejected", "user", string(id.User), "index", i, "code", code, "msg_id", mid)
 			continue
 		}
@@ -109,7 +110,10 @@ func (g *Gateway) serveMessages(w http.ResponseWriter, r *http.Request) {
 				i := pubIdx[k]
 				g.log.Warn("publish failed", "user", string(id.User), "msg_id", pub[k].ID, "err", err)
 				entries[i].err = unavailable(i, pub[k].ID)
+				g.metrics.reject(schema.CodeUnavailable)
+				continue
 			}
+			g.metrics.accepted.Inc()
 		}
 	}
 

@@ -208,8 +208,10 @@ func (g *Gateway) serveWS(w http.ResponseWriter, r *http.Request) {
 	}
 	c.ws = ws
 	remote, origin := r.RemoteAddr, r.Header.Get("Origin")
+	g.metrics.conns.Inc()
 	go func() {
 		defer g.unregister(c)
+		defer g.metrics.conns.Dec()
 		c.run(g.ctx, remote, origin)
 	}()
 }
@@ -307,6 +309,7 @@ func (c *conn) writeLoop() {
 				c.fail()
 				break
 			}
+			c.g.metrics.frames.Inc()
 			c.mu.Lock()
 			c.pending--
 			c.room.Signal()
@@ -434,6 +437,7 @@ func (c *conn) handleFrame(ctx context.Context, typ int, data []byte) {
 			c.reject(m.ID, schema.CodeUnavailable, "message not stored; resend it")
 			return
 		}
+		c.g.metrics.accepted.Inc()
 		if c.ack {
 			c.send(c.render(schema.ServerAck(m)))
 		}
@@ -470,9 +474,11 @@ func (c *conn) commitAsync(ctx context.Context, m *schema.Message) {
 		<-c.inflight
 		if err != nil {
 			c.logger().Warn("publish failed", "msg_id", id, "err", err)
+			c.g.metrics.reject(schema.CodeUnavailable)
 			c.post(c.render(schema.ErrorNotice(c.user, id, schema.CodeUnavailable, "message not stored; resend it", nowMs())))
 			return
 		}
+		c.g.metrics.accepted.Inc()
 		if c.ack {
 			c.post(ack)
 		}
@@ -490,9 +496,10 @@ func (c *conn) post(f frame) {
 	}
 }
 
-// reject sends an error notice naming the message id (when known); the
-// socket stays open.
+// reject sends an error notice naming the message id (when known) and
+// counts the message as rejected; the socket stays open.
 func (c *conn) reject(id, code, reason string) {
+	c.g.metrics.reject(code)
 	c.logger().Info("message rejected", "code", code, "msg_id", id)
 	c.send(c.render(schema.ErrorNotice(c.user, id, code, reason, nowMs())))
 }

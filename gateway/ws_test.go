@@ -105,6 +105,9 @@ func TestWebSocketPublish(t *testing.T) {
 			}
 			// Nothing else may be queued before the pong (no ack without ack=true).
 			expectPong(t, ws)
+			// Without ack=true nothing says when the commit is done: the
+			// read loop does not wait for it, so the pong may come first.
+			waitFor(t, "the message in CHAT_IN", func() bool { return e.streamMsgs(t) == before+1 })
 			if got := e.streamMsgs(t); got != before+1 {
 				t.Fatalf("CHAT_IN has %d messages, want %d", got, before+1)
 			}

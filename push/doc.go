@@ -63,4 +63,10 @@
 // consumer's MaxAckPending bounds the messages held in memory. The push path
 // is its own consumer: slow pushes never delay message delivery. Stats is
 // safe to call at any time.
+//
+// # Metrics
+//
+// The counters of Stats are exported on Config.Metrics as
+// vartalap_push_sent_total, vartalap_push_failed_total,
+// vartalap_push_retries_total and vartalap_push_tokens_removed_total.
 package push

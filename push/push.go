@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/vartalap/vartalap/schema"
 )
@@ -140,6 +141,10 @@ type Config struct {
 	// MaxAttempts is the number of send attempts of one push on retryable
 	// errors. Default 5.
 	MaxAttempts int
+	// Metrics registers the service's Prometheus collectors
+	// (vartalap_push_*, the counters of Stats). Default nil: they are not
+	// registered. New fails if they cannot be registered (e.g. twice).
+	Metrics prometheus.Registerer
 }
 
 // Stats is a snapshot of the service's counters since New.
@@ -165,6 +170,8 @@ type Service struct {
 	ackWait     time.Duration
 
 	sent, failed, retried, coalesced, tokensRemoved atomic.Uint64
+	// metrics are Prometheus views of the counters above.
+	metrics *metrics
 
 	deadMu sync.Mutex
 	dead   map[string]struct{} // tokens reported invalid
@@ -257,7 +264,7 @@ func New(cfg Config) (*Service, error) {
 	case cfg.MaxAttempts < 0:
 		return nil, fmt.Errorf("push: config: max attempts %d is negative", cfg.MaxAttempts)
 	}
-	return &Service{
+	s := &Service{
 		js:          cfg.JS,
 		log:         cfg.Logger,
 		presence:    cfg.Presence,
@@ -269,7 +276,13 @@ func New(cfg Config) (*Service, error) {
 		maxAttempts: cfg.MaxAttempts,
 		ackWait:     ackWait,
 		dead:        make(map[string]struct{}),
-	}, nil
+	}
+	m, err := newMetrics(cfg.Metrics, s)
+	if err != nil {
+		return nil, fmt.Errorf("push: %w", err)
+	}
+	s.metrics = m
+	return s, nil
 }
 
 // Setup creates or updates the durable consumer on INBOX. It is idempotent.

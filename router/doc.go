@@ -83,4 +83,13 @@
 // throughput. Instead the router purges everything at or below the
 // consumer's ack floor every 250 ms (one operation). So no other consumer
 // may be added to CHAT_IN: it would lose what the router purges.
+//
+// # Metrics
+//
+// The collectors (metrics.go) are registered on Config.Metrics:
+// vartalap_router_messages_total{kind=direct|group|ephemeral|client_ack|poison},
+// vartalap_router_copies_total and vartalap_router_notices_total{code}
+// (counted when the CHAT_IN message is acked or terminated, so a retried
+// batch counts once), vartalap_router_retries_total (CHAT_IN messages
+// NakWithDelay'd) and vartalap_router_round_seconds (routeBatch).
 package router

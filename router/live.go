@@ -28,13 +28,16 @@ func (r *Router) routeLive(ctx context.Context, subject string, data []byte) {
 	m, err := schema.UnmarshalProto(data)
 	if err != nil {
 		r.log.Warn("undecodable live message dropped", "subject", subject, "err", err)
+		r.metrics.byKind[kindPoison].Inc()
 		return
 	}
 	sender, err := senderOf(subject, m)
 	if err != nil {
 		r.log.Warn("live message with bad sender dropped", "subject", subject, "err", err)
+		r.metrics.byKind[kindPoison].Inc()
 		return
 	}
+	r.metrics.byKind[kindEphemeral].Inc()
 	r.publishLive(ctx, m, sender, data, nil)
 }
 

@@ -29,13 +29,19 @@ type item struct {
 	failed bool
 	// full: at least one recipient's inbox is at its cap.
 	full bool
+	// kind, copies (stored) and noticed (the code of its stored error
+	// notice) are counted once its CHAT_IN message is settled.
+	kind    kind
+	copies  int
+	noticed string
 }
 
 // out is one message to store in INBOX for items[owner].
 type out struct {
 	msg    *nats.Msg
 	owner  int
-	notice bool // an error notice to the sender, not a copy
+	notice bool   // an error notice to the sender, not a copy
+	code   string // the notice's error code
 }
 
 // fetched is one CHAT_IN message of a batch.
@@ -48,11 +54,13 @@ type fetched struct {
 // routeBatch routes a batch of CHAT_IN messages: it stores every copy and
 // notice, then acks (or retries) each CHAT_IN message.
 func (r *Router) routeBatch(ctx context.Context, batch []jetstream.Msg) {
+	start := time.Now()
 	srcs := make([]fetched, len(batch))
 	for i, jm := range batch {
 		srcs[i].jm = jm
 	}
 	r.settle(srcs, r.storeBatch(ctx, srcs))
+	r.metrics.round.Observe(time.Since(start).Seconds())
 }
 
 // storeBatch plans every copy of the client messages in srcs, stores them
@@ -96,6 +104,7 @@ func (r *Router) unpack(srcs []fetched) []item {
 		if err != nil {
 			r.log.Error("poison batch terminated", "subject", jm.Subject(), "err", err)
 			srcs[k].term = true
+			r.metrics.byKind[kindPoison].Inc()
 			continue
 		}
 		for _, e := range entries {
@@ -107,12 +116,27 @@ func (r *Router) unpack(srcs []fetched) []item {
 
 // settle acks every CHAT_IN message whose client messages are all stored
 // and retries the others (all of a batch: the copies already stored are
-// de-duplicated on the retry).
+// de-duplicated on the retry). The client messages of the CHAT_IN messages
+// acked or terminated are counted with their copies and notices, so a
+// retried one is counted once.
 func (r *Router) settle(srcs []fetched, items []item) {
 	failed := make([]bool, len(srcs))
 	for i := range items {
 		if items[i].failed {
 			failed[items[i].src] = true
+		}
+	}
+	for i := range items {
+		it := &items[i]
+		if failed[it.src] {
+			continue
+		}
+		r.metrics.byKind[it.kind].Inc()
+		if it.copies > 0 {
+			r.metrics.copies.Add(float64(it.copies))
+		}
+		if it.noticed != "" {
+			r.metrics.notices.WithLabelValues(it.noticed).Inc()
 		}
 	}
 	for k := range srcs {
@@ -147,6 +171,7 @@ func (r *Router) plan(ctx context.Context, srcs []fetched, items []item, i int, 
 		// dropped and the rest of the batch routed.
 		r.log.Error("poison message dropped", "subject", jm.Subject(), "seq", streamSeq(jm), "err", err)
 		it.done = true
+		it.kind = kindPoison
 		if !srcs[it.src].batch {
 			srcs[it.src].term = true
 		}
@@ -167,12 +192,15 @@ func (r *Router) plan(ctx context.Context, srcs []fetched, items []item, i int, 
 	case m.Type == schema.TypeClientAck:
 		r.log.Debug("client ack on chat_in dropped", "msg_id", m.ID, "user", it.sender)
 		it.done = true
+		it.kind = kindClientAck
 		return outs
 	case m.Ephemeral:
 		r.publishLive(ctx, m, it.sender, it.data, groups)
 		it.done = true
+		it.kind = kindEphemeral
 		return outs
 	case m.Channel == schema.ChannelGroup:
+		it.kind = kindGroup
 		g := schema.GroupID(m.Destination)
 		if !g.Valid() {
 			return append(outs, r.notice(it, i, schema.CodeBadTo, "destination is not a valid group id"))
@@ -194,6 +222,7 @@ func (r *Router) plan(ctx context.Context, srcs []fetched, items []item, i int, 
 		}
 		return outs
 	default:
+		it.kind = kindDirect
 		to := schema.UserID(m.Destination)
 		if !to.Valid() {
 			return append(outs, r.notice(it, i, schema.CodeBadTo, "destination is not a valid user id"))
@@ -228,6 +257,7 @@ func (r *Router) notice(it *item, i int, code, reason string) out {
 		},
 		owner:  i,
 		notice: true,
+		code:   code,
 	}
 }
 
@@ -246,6 +276,9 @@ func (r *Router) store(ctx context.Context, items []item, outs []out, p *progres
 		if len(chunk) > smallBatch {
 			err := r.publishAtomic(ctx, chunk)
 			if err == nil {
+				for _, o := range chunk {
+					recordStored(items, o)
+				}
 				continue
 			}
 			r.log.Debug("atomic batch rejected, publishing one by one", "count", len(chunk), "err", err)
@@ -254,6 +287,7 @@ func (r *Router) store(ctx context.Context, items []item, outs []out, p *progres
 			it := &items[o.owner]
 			switch res := r.publishOne(ctx, o.msg); {
 			case res == stored:
+				recordStored(items, o)
 			case res == full && o.notice:
 				r.log.Warn("sender inbox full, notice dropped", "msg_id", it.m.ID, "user", it.sender)
 			case res == full:
@@ -264,6 +298,15 @@ func (r *Router) store(ctx context.Context, items []item, outs []out, p *progres
 			}
 		}
 	}
+}
+
+// recordStored records on its owner that o is stored in INBOX.
+func recordStored(items []item, o out) {
+	if o.notice {
+		items[o.owner].noticed = o.code
+		return
+	}
+	items[o.owner].copies++
 }
 
 // retry negatively acknowledges jm with a delay growing with its delivery
@@ -279,7 +322,9 @@ func (r *Router) retry(jm jetstream.Msg) {
 	}
 	if err := jm.NakWithDelay(retryDelay(n)); err != nil {
 		r.log.Warn("nak error", "subject", jm.Subject(), "err", err)
+		return
 	}
+	r.metrics.retries.Inc()
 }
 
 // retryDelay is 1s, 2s, 4s, ... for delivery n = 1, 2, 3, ..., capped at

@@ -10,6 +10,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/vartalap/vartalap/schema"
 )
@@ -100,6 +101,10 @@ type Config struct {
 	// Past it, new messages are refused (the client is told to resend).
 	// Default 1 GiB.
 	MaxBacklogBytes int64
+	// Metrics registers the router's Prometheus collectors
+	// (vartalap_router_*). Default nil: they count but are not registered.
+	// New fails if they cannot be registered (e.g. registered twice).
+	Metrics prometheus.Registerer
 }
 
 // Router routes CHAT_IN messages into INBOX and ephemeral messages to live
@@ -113,6 +118,7 @@ type Router struct {
 	maxMsg     int32
 	repl       int
 	maxBacklog int64
+	metrics    *metrics
 }
 
 // New returns a Router for cfg, with defaults filled in.
@@ -148,6 +154,10 @@ func New(cfg Config) (*Router, error) {
 	case cfg.Replicas < 0:
 		return nil, fmt.Errorf("router: config: replicas %d is negative", cfg.Replicas)
 	}
+	m, err := newMetrics(cfg.Metrics)
+	if err != nil {
+		return nil, fmt.Errorf("router: %w", err)
+	}
 	return &Router{
 		js:         cfg.JS,
 		nc:         cfg.NC,
@@ -157,6 +167,7 @@ func New(cfg Config) (*Router, error) {
 		maxMsg:     cfg.MaxMessageBytes,
 		repl:       cfg.Replicas,
 		maxBacklog: cfg.MaxBacklogBytes,
+		metrics:    m,
 	}, nil
 }
 

@@ -167,7 +167,7 @@ func metaValue(raw json.RawMessage) (string, bool) {
 // compactJSON returns raw without insignificant whitespace, as the seed's
 // JSON.stringify would write it.
 func compactJSON(raw json.RawMessage) []byte {
-	if bytes.IndexAny(raw, " \t\n\r") < 0 {
+	if !bytes.ContainsAny(raw, " \t\n\r") {
 		return append([]byte(nil), raw...) // already compact
 	}
 	var buf bytes.Buffer

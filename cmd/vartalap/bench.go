@@ -50,30 +50,30 @@ type benchConfig struct {
 
 // benchResult is one run's figures; results of worker processes are merged.
 type benchResult struct {
-	Scenario       string   `json:"scenario"`
-	Users          int      `json:"users"`
-	Seconds        float64  `json:"seconds"`
-	Connected      int64    `json:"connected"`
-	ConnectFailed  int64    `json:"connect_failed"`
-	ConnectSeconds float64  `json:"connect_seconds"`
-	Drops          int64    `json:"drops"`
-	Sent           int64    `json:"sent"`
-	ServerAcked    int64    `json:"server_acked"`
-	Delivered      int64    `json:"delivered"`
+	Scenario       string  `json:"scenario"`
+	Users          int     `json:"users"`
+	Seconds        float64 `json:"seconds"`
+	Connected      int64   `json:"connected"`
+	ConnectFailed  int64   `json:"connect_failed"`
+	ConnectSeconds float64 `json:"connect_seconds"`
+	Drops          int64   `json:"drops"`
+	Sent           int64   `json:"sent"`
+	ServerAcked    int64   `json:"server_acked"`
+	Delivered      int64   `json:"delivered"`
 	// SendSeconds is how long messages were sent; DeliveredSending is what
 	// was delivered by its end: the rate the server kept up with, without
 	// the drain of a backlog.
-	SendSeconds      float64 `json:"send_seconds,omitempty"`
-	DeliveredSending int64   `json:"delivered_while_sending,omitempty"`
-	Duplicates     int64    `json:"duplicates"`
-	Undelivered    int64    `json:"undelivered"` // server-acked but not received by the end of the drain
-	Errors         int64    `json:"errors"`
-	AckLatency     *hist    `json:"ack_latency"`
-	E2ELatency     *hist    `json:"e2e_latency"`
-	CatchUpSeconds float64  `json:"catch_up_seconds"`
-	RSSBeforeKiB   int64    `json:"rss_before_kib,omitempty"`
-	RSSAfterKiB    int64    `json:"rss_after_kib,omitempty"`
-	ErrorSamples   []string `json:"error_samples,omitempty"`
+	SendSeconds      float64  `json:"send_seconds,omitempty"`
+	DeliveredSending int64    `json:"delivered_while_sending,omitempty"`
+	Duplicates       int64    `json:"duplicates"`
+	Undelivered      int64    `json:"undelivered"` // server-acked but not received by the end of the drain
+	Errors           int64    `json:"errors"`
+	AckLatency       *hist    `json:"ack_latency"`
+	E2ELatency       *hist    `json:"e2e_latency"`
+	CatchUpSeconds   float64  `json:"catch_up_seconds"`
+	RSSBeforeKiB     int64    `json:"rss_before_kib,omitempty"`
+	RSSAfterKiB      int64    `json:"rss_after_kib,omitempty"`
+	ErrorSamples     []string `json:"error_samples,omitempty"`
 }
 
 func newResult(c *benchConfig) *benchResult {

@@ -36,6 +36,7 @@ type serveConfig struct {
 	WSRate        float64
 	MaxUpload     int64
 	PprofAddr     string
+	MetricsAddr   string
 	ShutdownGrace time.Duration
 	Node          string
 }
@@ -73,6 +74,7 @@ func parseServe(args []string, getenv func(string) string, stderr io.Writer) (*s
 	fs.Float64Var(&c.WSRate, "ws-rate", 50, "messages per second each WebSocket may send (burst: twice that); excess frames get a rate_limited error")
 	fs.Int64Var(&c.MaxUpload, "max-upload", 25<<20, "largest file a client may upload, in bytes")
 	fs.StringVar(&c.PprofAddr, "pprof", "", "serve net/http/pprof on this address (off when empty)")
+	fs.StringVar(&c.MetricsAddr, "metrics-addr", "", "serve Prometheus metrics (GET /metrics) on this address (off when empty; port 0 picks one, logged as addr=)")
 	fs.DurationVar(&c.ShutdownGrace, "shutdown-timeout", 15*time.Second, "hard deadline for a clean shutdown")
 	fs.StringVar(&c.Node, "node", "", "this process's node name in presence (default hostname-pid)")
 

@@ -19,12 +19,16 @@ import (
 	"github.com/go-chi/chi/v5"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/vartalap/vartalap/delivery"
 	"github.com/vartalap/vartalap/gateway"
 	"github.com/vartalap/vartalap/gateway/assets"
 	"github.com/vartalap/vartalap/groups"
 	"github.com/vartalap/vartalap/internal/api"
+	"github.com/vartalap/vartalap/internal/prom"
 	"github.com/vartalap/vartalap/internal/webclient"
 	"github.com/vartalap/vartalap/profile"
 	"github.com/vartalap/vartalap/profile/firebaseauth"
@@ -55,6 +59,12 @@ func serve(ctx context.Context, args []string, getenv func(string) string, stder
 	if err := os.MkdirAll(c.DataDir, 0o750); err != nil {
 		return fmt.Errorf("data dir: %w", err)
 	}
+	// One registry for the process: the Go runtime and process collectors
+	// here, every service's own collectors through its Config.Metrics.
+	reg := prometheus.NewRegistry()
+	if err := prom.Register(reg, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{})); err != nil {
+		return err
+	}
 
 	// NATS: embedded unless --nats-url.
 	var emb *embedded
@@ -84,7 +94,7 @@ func serve(ctx context.Context, args []string, getenv func(string) string, stder
 		return fmt.Errorf("jetstream: %w", err)
 	}
 
-	app, err := build(ctx, c, nc, js, getenv, log)
+	app, err := build(ctx, c, nc, js, reg, getenv, log)
 	if err != nil {
 		nc.Close()
 		stopNATS()
@@ -147,12 +157,14 @@ type app struct {
 	assets   *assets.Service
 	gateway  *gateway.Gateway
 	handler  http.Handler
+	metrics  *prometheus.Registry // served on --metrics-addr
 }
 
-// build constructs and sets up every service named in --services. This is
-// the one place where services are wired to each other.
-func build(ctx context.Context, c *serveConfig, nc *nats.Conn, js jetstream.JetStream, getenv func(string) string, log *slog.Logger) (*app, error) {
-	a := &app{nc: nc, js: js}
+// build constructs and sets up every service named in --services, their
+// metrics registered with reg. This is the one place where services are
+// wired to each other.
+func build(ctx context.Context, c *serveConfig, nc *nats.Conn, js jetstream.JetStream, reg *prometheus.Registry, getenv func(string) string, log *slog.Logger) (*app, error) {
+	a := &app{nc: nc, js: js, metrics: reg}
 	setupCtx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
 
@@ -185,7 +197,7 @@ func build(ctx context.Context, c *serveConfig, nc *nats.Conn, js jetstream.JetS
 	if c.has("delivery") || c.has("gateway") || c.has("push") {
 		d, err := delivery.New(delivery.Config{
 			JS: js, NC: nc, Logger: log.With("service", "delivery"),
-			Node: c.Node, Retention: c.Retention, Replicas: c.Replicas,
+			Node: c.Node, Retention: c.Retention, Replicas: c.Replicas, Metrics: reg,
 		})
 		if err != nil {
 			return nil, fmt.Errorf("delivery: %w", err)
@@ -215,7 +227,7 @@ func build(ctx context.Context, c *serveConfig, nc *nats.Conn, js jetstream.JetS
 			members = a.groups
 		}
 		r, err := router.New(router.Config{JS: js, NC: nc, Logger: log.With("service", "router"), Replicas: c.Replicas,
-			Groups: groupsAdapter{members}})
+			Groups: groupsAdapter{members}, Metrics: reg})
 		if err != nil {
 			return nil, fmt.Errorf("router: %w", err)
 		}
@@ -234,6 +246,7 @@ func build(ctx context.Context, c *serveConfig, nc *nats.Conn, js jetstream.JetS
 			Static:        webclient.FS(),
 			RatePerSecond: c.WSRate,
 			Node:          gatewayNode(c, a.delivery),
+			Metrics:       reg,
 		})
 		if err != nil {
 			return nil, fmt.Errorf("gateway: %w", err)
@@ -269,6 +282,7 @@ func build(ctx context.Context, c *serveConfig, nc *nats.Conn, js jetstream.JetS
 		p, err := push.New(push.Config{
 			JS: js, Logger: log.With("service", "push"),
 			Presence: a.delivery, Devices: pushDevices{devs}, Sender: sender, TTL: c.PushTTL,
+			Metrics: reg,
 		})
 		if err != nil {
 			return nil, fmt.Errorf("push: %w", err)
@@ -334,6 +348,20 @@ func (a *app) ready(ctx context.Context) error {
 // run starts the services and the HTTP server, waits for ctx (or a service
 // failure), and shuts them down in order.
 func (a *app) run(ctx context.Context, c *serveConfig, log *slog.Logger) error {
+	// Metrics come first and go last, so a scrape sees the services start
+	// and stop.
+	if c.MetricsAddr != "" {
+		ms, err := startMetrics(c.MetricsAddr, a.metrics, log)
+		if err != nil {
+			a.closeStores(log)
+			return err
+		}
+		defer func() {
+			sctx, cancel := context.WithTimeout(context.Background(), c.ShutdownGrace)
+			defer cancel()
+			ms.shutdown(sctx)
+		}()
+	}
 	svcCtx, stopSvcs := context.WithCancel(context.Background())
 	defer stopSvcs()
 	failed := make(chan error, 8)
@@ -476,6 +504,49 @@ func startPprof(addr string, log *slog.Logger) *http.Server {
 	}()
 	log.Info("pprof listening", "addr", addr)
 	return s
+}
+
+// metricsServer serves the registry's metrics on GET /metrics, on a
+// listener of its own.
+type metricsServer struct {
+	srv  *http.Server
+	done chan struct{} // closed when Serve has returned
+}
+
+// startMetrics listens on addr (port 0 picks a free port; the log line
+// names the actual address) and serves reg until shutdown.
+func startMetrics(addr string, reg *prometheus.Registry, log *slog.Logger) (*metricsServer, error) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("metrics listen %s: %w", addr, err)
+	}
+	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	m := &metricsServer{
+		srv: &http.Server{
+			Handler:           mux,
+			ReadHeaderTimeout: 10 * time.Second,
+			ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+		},
+		done: make(chan struct{}),
+	}
+	go func() {
+		defer close(m.done)
+		if err := m.srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			log.Error("metrics server", "err", err)
+		}
+	}()
+	log.Info("metrics listening", "addr", ln.Addr().String())
+	return m, nil
+}
+
+// shutdown stops the server, waiting for scrapes in progress until ctx
+// ends, and joins its goroutine.
+func (m *metricsServer) shutdown(ctx context.Context) {
+	if err := m.srv.Shutdown(ctx); err != nil {
+		_ = m.srv.Close()
+	}
+	<-m.done
 }
 
 // deliveryAdapter lets the gateway open delivery sessions without importing
