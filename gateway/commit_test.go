@@ -5,6 +5,9 @@ import (
 	"fmt"
 	"sync"
 	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/vartalap/vartalap/schema"
 )
@@ -144,5 +147,33 @@ func TestCommitterPublishAllKeepsOrder(t *testing.T) {
 				t.Fatalf("%d of %d messages and %d of 20 others stored", next, n, others)
 			}
 		})
+	}
+}
+
+// Back-pressure: while CHAT_IN holds more than the high-water mark of
+// unrouted bytes, each commit waits (at most maxPause) and the message is
+// still stored afterwards.
+func TestCommitterPausesOnBacklog(t *testing.T) {
+	e := newEnv(t)
+	c := newCommitter(e.js, e.g.log, e.g.cfg.PublishTimeout, "gw1", e.g.metrics)
+	defer c.close()
+	c.high, c.maxPause, c.poll = 1, 300*time.Millisecond, 5*time.Millisecond
+	if err := c.publish(context.Background(), entry{data: []byte("first"), device: "d1"}); err != nil {
+		t.Fatal(err)
+	}
+	// Nothing routes CHAT_IN in this test: the backlog stays above 1 byte.
+	waitFor(t, "the backlog read", func() bool { return c.backlog.Load() > 1 })
+	start := time.Now()
+	if err := c.publish(context.Background(), entry{data: []byte("second"), device: "d1"}); err != nil {
+		t.Fatal(err)
+	}
+	if d := time.Since(start); d < 300*time.Millisecond {
+		t.Fatalf("commit over the high-water mark took %v, want a pause of at least 300ms", d)
+	}
+	if n := len(e.stored(t)); n != 2 {
+		t.Fatalf("%d messages stored, want 2", n)
+	}
+	if testutil.ToFloat64(e.g.metrics.paused) < 0.3 {
+		t.Fatalf("paused seconds %v, want >= 0.3", testutil.ToFloat64(e.g.metrics.paused))
 	}
 }

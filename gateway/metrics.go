@@ -19,6 +19,8 @@ type metrics struct {
 	commitMsgs prometheus.Histogram   // client messages per CHAT_IN batch
 	commitTime prometheus.Histogram   // publish to PubAck of one CHAT_IN batch
 	frames     prometheus.Counter     // data frames written to sockets
+	backlog    prometheus.Gauge       // CHAT_IN bytes not yet routed, as last read
+	paused     prometheus.Counter     // seconds commits waited for the backlog
 }
 
 // rejectionCodes are the codes the gateway answers with, so their series
@@ -54,6 +56,14 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Help:    "Time from publishing one CHAT_IN batch to its PubAck.",
 			Buckets: prom.LatencyBuckets,
 		}),
+		backlog: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "vartalap_gateway_chat_in_backlog_bytes",
+			Help: "CHAT_IN bytes not yet routed (and purged), as last read by the committer; above 8 MiB commits pause.",
+		}),
+		paused: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "vartalap_gateway_commit_paused_seconds_total",
+			Help: "Time the group committer paused because the CHAT_IN backlog was high (back-pressure).",
+		}),
 		frames: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "vartalap_gateway_frames_written_total",
 			Help: "Data frames written to WebSockets (messages, acks, error notices, pongs).",
@@ -64,7 +74,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	for _, code := range rejectionCodes {
 		m.rejections.WithLabelValues(code)
 	}
-	if err := prom.Register(reg, m.conns, m.messages, m.rejections, m.commitMsgs, m.commitTime, m.frames); err != nil {
+	if err := prom.Register(reg, m.conns, m.messages, m.rejections, m.commitMsgs, m.commitTime, m.frames, m.backlog, m.paused); err != nil {
 		return nil, err
 	}
 	return m, nil
