@@ -237,6 +237,9 @@ func (r *Router) Run(ctx context.Context) error {
 	liveCtx, stopLive := context.WithCancel(ctx)
 	var wg sync.WaitGroup
 	wg.Go(func() { r.liveLoop(liveCtx, live) })
+	// Purges run beside the routing rounds, so a round never waits for
+	// one.
+	wg.Go(func() { r.purgeLoop(liveCtx, cons, stream) })
 
 	runErr := r.consumeLoop(ctx, cons, stream)
 
@@ -254,8 +257,6 @@ func (r *Router) Run(ctx context.Context) error {
 // routed at once and a busy stream is routed in large batches.
 func (r *Router) consumeLoop(ctx context.Context, cons jetstream.Consumer, stream jetstream.Stream) error {
 	batch := make([]jetstream.Msg, 0, r.batch)
-	lastPurge := time.Now()
-	var purged uint64
 	for ctx.Err() == nil {
 		batch = batch[:0]
 		first, err := cons.Fetch(1, jetstream.FetchMaxWait(fetchWait))
@@ -288,12 +289,23 @@ func (r *Router) consumeLoop(ctx context.Context, cons jetstream.Consumer, strea
 			r.routeBatch(context.WithoutCancel(ctx), batch)
 			clear(batch)
 		}
-		if time.Since(lastPurge) >= purgeEvery {
-			lastPurge = time.Now()
+	}
+	return nil
+}
+
+// purgeLoop purges routed messages every purgeEvery until ctx ends.
+func (r *Router) purgeLoop(ctx context.Context, cons jetstream.Consumer, stream jetstream.Stream) {
+	t := time.NewTicker(purgeEvery)
+	defer t.Stop()
+	var purged uint64
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
 			purged = r.purgeRouted(ctx, cons, stream, purged)
 		}
 	}
-	return nil
 }
 
 // purgeRouted removes from CHAT_IN every message at or below the consumer's
@@ -304,7 +316,9 @@ func (r *Router) consumeLoop(ctx context.Context, cons jetstream.Consumer, strea
 func (r *Router) purgeRouted(ctx context.Context, cons jetstream.Consumer, stream jetstream.Stream, purged uint64) uint64 {
 	info, err := cons.Info(ctx)
 	if err != nil {
-		r.log.Warn("consumer info error", "err", err)
+		if ctx.Err() == nil {
+			r.log.Warn("consumer info error", "err", err)
+		}
 		return purged
 	}
 	floor := info.AckFloor.Stream
@@ -312,7 +326,9 @@ func (r *Router) purgeRouted(ctx context.Context, cons jetstream.Consumer, strea
 		return purged
 	}
 	if err := stream.Purge(ctx, jetstream.WithPurgeSequence(floor+1)); err != nil {
-		r.log.Warn("purge routed messages", "up_to", floor, "err", err)
+		if ctx.Err() == nil {
+			r.log.Warn("purge routed messages", "up_to", floor, "err", err)
+		}
 		return purged
 	}
 	return floor
