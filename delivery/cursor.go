@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"slices"
+	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 
@@ -27,11 +28,16 @@ type deviceCursor struct {
 	Floor uint64 `json:"floor"`
 	// Acked: acked seqs above Floor, ascending.
 	Acked []uint64 `json:"acked,omitempty"`
+	// Seen: when the device last connected or acked (unix ms, refreshed
+	// at most daily on connect and on every cursor write); 0 in cursors
+	// written before it existed.
+	Seen int64 `json:"seen,omitempty"`
 }
 
 // merge folds o into c: the higher floor and the union of acked seqs above it.
 func (c *deviceCursor) merge(o *deviceCursor) {
 	c.Floor = max(c.Floor, o.Floor)
+	c.Seen = max(c.Seen, o.Seen)
 	acked := make([]uint64, 0, len(c.Acked)+len(o.Acked))
 	for _, list := range [][]uint64{c.Acked, o.Acked} {
 		for _, q := range list {
@@ -47,12 +53,16 @@ func (c *deviceCursor) merge(o *deviceCursor) {
 	}
 }
 
-// minFloor returns the lowest floor over the devices, and false if there are
+// minFloor returns the lowest floor over the devices that are not idle (not
+// seen since idleBefore, unix ms; 0: none is idle), and false if there are
 // none.
-func (d *cursorDoc) minFloor() (uint64, bool) {
+func (d *cursorDoc) minFloor(idleBefore int64) (uint64, bool) {
 	first := true
 	var m uint64
 	for _, c := range d.Devices {
+		if c.Seen != 0 && c.Seen < idleBefore {
+			continue
+		}
 		if first || c.Floor < m {
 			m, first = c.Floor, false
 		}
@@ -147,23 +157,35 @@ func (s *Service) updateCursor(ctx context.Context, a *assets, user schema.UserI
 // user's purge point) when it has none, so purges wait for it from now on.
 func (s *Service) openCursor(ctx context.Context, a *assets, user schema.UserID, device schema.DeviceID) (deviceCursor, error) {
 	var out deviceCursor
+	now := time.Now().UnixMilli()
 	_, err := s.updateCursor(ctx, a, user, func(d *cursorDoc) bool {
 		if c := d.Devices[string(device)]; c != nil {
 			out = deviceCursor{Floor: c.Floor, Acked: slices.Clone(c.Acked)}
-			return false
+			if now-c.Seen < seenRefresh.Milliseconds() {
+				return false
+			}
+			c.Seen = now // a connect is activity; written at most daily
+			return true
 		}
 		out = deviceCursor{Floor: d.Purged}
-		d.Devices[string(device)] = &deviceCursor{Floor: d.Purged}
+		d.Devices[string(device)] = &deviceCursor{Floor: d.Purged, Seen: now}
 		return true
 	})
 	return out, err
 }
 
+// seenRefresh is how stale a device's Seen may be before a connect writes it.
+const seenRefresh = 24 * time.Hour
+
 // maybePurge purges the user's messages acked by every known device and
 // records the purge point. With no device left nothing is purged: a future
 // device will get what is still there.
 func (s *Service) maybePurge(ctx context.Context, a *assets, user schema.UserID, doc *cursorDoc) error {
-	floor, ok := doc.minFloor()
+	var idleBefore int64
+	if s.cfg.DeviceIdle > 0 {
+		idleBefore = time.Now().Add(-s.cfg.DeviceIdle).UnixMilli()
+	}
+	floor, ok := doc.minFloor(idleBefore)
 	if !ok || floor <= doc.Purged {
 		return nil
 	}
@@ -240,7 +262,7 @@ func (s *Service) AckByID(ctx context.Context, user schema.UserID, device schema
 
 	// Walk the pending messages: the floor advances over a contiguous run of
 	// acked ones; later matches are recorded as acked above the floor.
-	upd := deviceCursor{Floor: cur.Floor}
+	upd := deviceCursor{Floor: cur.Floor, Seen: time.Now().UnixMilli()}
 	contiguous := true
 	var scanned int64
 	matched := 0 // messages acked now, not before

@@ -74,6 +74,12 @@ type Config struct {
 	// MaxInFlight is the number of unacked messages per device before sending
 	// pauses. Default: 256.
 	MaxInFlight int
+	// DeviceIdle: a device whose cursor has not been written for this long
+	// (no connection, no ack) no longer holds back purges of its user's
+	// inbox, so an abandoned phone does not fill the inbox for the devices
+	// in use; if it returns it gets what is still stored. Default: 14 days;
+	// negative: devices never go idle.
+	DeviceIdle time.Duration
 	// CursorFlush is how often a dirty cursor is written while a session runs
 	// (and always when it ends). A crash loses at most this much of a
 	// device's acks: those messages are delivered again. Default: 1s.
@@ -171,6 +177,9 @@ func New(cfg Config) (*Service, error) {
 	}
 	if cfg.CursorFlush == 0 {
 		cfg.CursorFlush = time.Second
+	}
+	if cfg.DeviceIdle == 0 {
+		cfg.DeviceIdle = 14 * 24 * time.Hour
 	}
 	switch {
 	case cfg.Retention < 0:

@@ -436,6 +436,60 @@ func TestPurgeAfterManyAcks(t *testing.T) {
 	waitFor(t, "purge after many acks", func() bool { return e.stored(t, "bob") == 0 })
 }
 
+// A device that has not connected or acked for DeviceIdle no longer holds
+// back purges: an abandoned phone does not fill the inbox of the devices in
+// use. It comes back to what is still stored.
+func TestIdleDeviceDoesNotHoldPurges(t *testing.T) {
+	e := newEnv(t, Config{CursorFlush: 10 * time.Millisecond, DeviceIdle: 300 * time.Millisecond},
+		func(s *Service) { s.purgeEvery = 10 * time.Millisecond })
+	old := &testSink{}
+	so := e.open(t, "bob", "old-phone", old)
+	so.Close() // registered, never acks, never returns
+	phone := &testSink{}
+	sp := e.open(t, "bob", "phone", phone)
+	first := e.publishN(t, "bob", "a", 3)
+	waitIDs(t, phone, first)
+	sp.Ack(first...)
+	waitFor(t, "phone cursor", func() bool { return e.cursorOf(t, "bob").Devices["phone"].Floor > 0 })
+	time.Sleep(50 * time.Millisecond)
+	if n := e.stored(t, "bob"); n != 3 {
+		t.Fatalf("stored %d while the old phone is recent, want 3", n)
+	}
+	time.Sleep(300 * time.Millisecond) // the old phone goes idle
+	more := e.publishN(t, "bob", "b", 2)
+	waitIDs(t, phone, append(first, more...))
+	sp.Ack(more...)
+	waitFor(t, "purge past the idle device", func() bool { return e.stored(t, "bob") == 0 })
+
+	// The old phone returns: nothing of what was purged, the next message.
+	sp.Close()
+	back := &testSink{}
+	e.open(t, "bob", "old-phone", back)
+	next := e.publishN(t, "bob", "c", 1)
+	waitIDs(t, back, next)
+}
+
+func TestMinFloorSkipsIdleDevices(t *testing.T) {
+	d := &cursorDoc{Devices: map[string]*deviceCursor{
+		"active": {Floor: 9, Seen: 2000},
+		"idle":   {Floor: 2, Seen: 500},
+		"legacy": {Floor: 5}, // written before Seen existed: never idle
+	}}
+	if f, ok := d.minFloor(0); !ok || f != 2 {
+		t.Errorf("no idle cut-off: %d %v, want 2", f, ok)
+	}
+	if f, ok := d.minFloor(1000); !ok || f != 5 {
+		t.Errorf("idle before 1000: %d %v, want 5", f, ok)
+	}
+	delete(d.Devices, "legacy")
+	if f, ok := d.minFloor(1000); !ok || f != 9 {
+		t.Errorf("without legacy: %d %v, want 9", f, ok)
+	}
+	if _, ok := d.minFloor(3000); ok {
+		t.Error("every device idle: want no floor")
+	}
+}
+
 func TestCursorSurvivesRestart(t *testing.T) {
 	leakCheck(t)
 	dir := t.TempDir()

@@ -579,7 +579,7 @@ func (ss *Session) setFloor(f uint64) {
 
 // cursor returns the session's position as a deviceCursor.
 func (ss *Session) cursor() *deviceCursor {
-	c := &deviceCursor{Floor: ss.floor}
+	c := &deviceCursor{Floor: ss.floor, Seen: time.Now().UnixMilli()}
 	if len(ss.acked) > 0 {
 		c.Acked = make([]uint64, 0, len(ss.acked))
 		for q := range ss.acked {

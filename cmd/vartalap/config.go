@@ -29,6 +29,7 @@ type serveConfig struct {
 	LogFormat     string
 	LogLevel      string
 	Retention     time.Duration
+	DeviceIdle    time.Duration
 	Replicas      int
 	PushProvider  string
 	FCMEndpoint   string
@@ -70,6 +71,7 @@ func parseServe(args []string, getenv func(string) string, stderr io.Writer) (*s
 	fs.StringVar(&c.LogFormat, "log-format", "text", "log format: text or json")
 	fs.StringVar(&c.LogLevel, "log-level", "info", "log level: debug, info, warn, error")
 	fs.DurationVar(&c.Retention, "retention", 30*24*time.Hour, "how long an unacknowledged message is kept in an inbox")
+	fs.DurationVar(&c.DeviceIdle, "device-idle", 14*24*time.Hour, "a device not seen for this long no longer holds back its user's inbox purges (0: never)")
 	fs.IntVar(&c.Replicas, "replicas", 1, "stream and bucket replicas (3 in a NATS cluster)")
 	fs.Float64Var(&c.WSRate, "ws-rate", 50, "messages per second each WebSocket may send (burst: twice that); excess frames get a rate_limited error")
 	fs.Int64Var(&c.MaxUpload, "max-upload", 25<<20, "largest file a client may upload, in bytes")
@@ -130,6 +132,9 @@ func parseServe(args []string, getenv func(string) string, stderr io.Writer) (*s
 	}
 	if c.PushProvider == "fcm" && c.FirebaseProj == "" {
 		return nil, fmt.Errorf("--push-provider fcm needs --firebase-project")
+	}
+	if c.DeviceIdle < 0 {
+		return nil, fmt.Errorf("--device-idle: %v is negative (0 means never)", c.DeviceIdle)
 	}
 	switch c.Sync {
 	case "always", "interval":

@@ -386,6 +386,7 @@ func TestServeFlagErrors(t *testing.T) {
 		{"firebase without project", []string{"serve", "--auth-provider", "firebase"}},
 		{"dev auth on public addr", []string{"serve", "--http-addr", "0.0.0.0:0", "--data-dir", t.TempDir()}},
 		{"bad metrics addr", []string{"serve", "--http-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:99999", "--data-dir", t.TempDir()}},
+		{"negative device idle", []string{"serve", "--device-idle", "-1h"}},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -397,9 +398,9 @@ func TestServeFlagErrors(t *testing.T) {
 	// Environment variables configure flags; flags win.
 	c, err := parseServe([]string{"--log-level", "warn"}, func(k string) string {
 		return map[string]string{"VARTALAP_HTTP_ADDR": "127.0.0.1:9999", "VARTALAP_LOG_LEVEL": "debug",
-			"VARTALAP_METRICS_ADDR": "127.0.0.1:9090"}[k]
+			"VARTALAP_METRICS_ADDR": "127.0.0.1:9090", "VARTALAP_DEVICE_IDLE": "72h"}[k]
 	}, &syncBuffer{})
-	if err != nil || c.HTTPAddr != "127.0.0.1:9999" || c.LogLevel != "warn" || c.MetricsAddr != "127.0.0.1:9090" {
+	if err != nil || c.HTTPAddr != "127.0.0.1:9999" || c.LogLevel != "warn" || c.MetricsAddr != "127.0.0.1:9090" || c.DeviceIdle != 72*time.Hour {
 		t.Fatalf("env/flag precedence: %+v %v", c, err)
 	}
 }

@@ -198,6 +198,7 @@ func build(ctx context.Context, c *serveConfig, nc *nats.Conn, js jetstream.JetS
 		d, err := delivery.New(delivery.Config{
 			JS: js, NC: nc, Logger: log.With("service", "delivery"),
 			Node: c.Node, Retention: c.Retention, Replicas: c.Replicas, Metrics: reg,
+			DeviceIdle: deviceIdle(c.DeviceIdle),
 		})
 		if err != nil {
 			return nil, fmt.Errorf("delivery: %w", err)
@@ -317,6 +318,15 @@ func build(ctx context.Context, c *serveConfig, nc *nats.Conn, js jetstream.JetS
 	})
 	a.handler = root
 	return a, nil
+}
+
+// deviceIdle maps --device-idle to delivery.Config.DeviceIdle: 0 (never)
+// is negative there.
+func deviceIdle(d time.Duration) time.Duration {
+	if d == 0 {
+		return -1
+	}
+	return d
 }
 
 // gatewayNode names the gateway in its CHAT_IN subject: --node, else the
