@@ -216,7 +216,12 @@ func (c *committer) watch() {
 		}
 		cancel()
 		if err != nil {
-			continue // no figure: keep the last one
+			// No figure (CHAT_IN missing or unreachable): no back-pressure
+			// from a stale one; look the stream up again next time.
+			stream = nil
+			c.backlog.Store(0)
+			c.metrics.backlog.Set(0)
+			continue
 		}
 		c.backlog.Store(int64(info.State.Bytes))
 		c.metrics.backlog.Set(float64(info.State.Bytes))
