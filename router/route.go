@@ -18,6 +18,7 @@ import (
 // (schema.ParseBatch).
 type item struct {
 	src    int    // index of its CHAT_IN message in the fetched batch
+	pos    int    // index within that CHAT_IN message (0 for a single message)
 	data   []byte // protobuf Message
 	m      *schema.Message
 	sender schema.UserID
@@ -107,8 +108,8 @@ func (r *Router) unpack(srcs []fetched) []item {
 			r.metrics.byKind[kindPoison].Inc()
 			continue
 		}
-		for _, e := range entries {
-			items = append(items, item{src: k, data: e.Message})
+		for pos, e := range entries {
+			items = append(items, item{src: k, pos: pos, data: e.Message})
 		}
 	}
 	return items
@@ -185,7 +186,7 @@ func (r *Router) plan(ctx context.Context, srcs []fetched, items []item, i int, 
 	default:
 		// Gateways validate ids; without one, the CHAT_IN sequence and
 		// position are just as unique and stable across redeliveries.
-		it.base = schema.Token(it.sender) + ":in" + strconv.FormatUint(streamSeq(jm), 10) + "." + strconv.Itoa(i)
+		it.base = schema.Token(it.sender) + ":in" + strconv.FormatUint(streamSeq(jm), 10) + "." + strconv.Itoa(it.pos)
 	}
 
 	switch {
