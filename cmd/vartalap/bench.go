@@ -41,6 +41,7 @@ type benchConfig struct {
 	Procs         int
 	JSON          bool
 	ServerPID     int
+	MetricsURL    string
 	Prefix        string
 	Concurrency   int
 	Format        string
@@ -142,6 +143,7 @@ func parseBench(args []string, stderr io.Writer) (*benchConfig, error) {
 	fs.IntVar(&c.Procs, "procs", 1, "worker processes to spread sessions over (20,000 open files per process here)")
 	fs.BoolVar(&c.JSON, "json", false, "print the result as JSON")
 	fs.IntVar(&c.ServerPID, "server-pid", 0, "server process id, to report its memory from /proc")
+	fs.StringVar(&c.MetricsURL, "server-metrics", "", "the server's metrics URL (serve --metrics-addr), to report its memory when --server-pid is not given, e.g. http://127.0.0.1:9090/metrics")
 	fs.StringVar(&c.Prefix, "prefix", "", "username prefix (default: unique per run)")
 	fs.IntVar(&c.Concurrency, "concurrency", 100, "parallel logins and connects")
 	fs.StringVar(&c.Format, "format", "text", "WebSocket frames: text (JSON v2.1) or binary (protobuf, like the seed's v3 clients)")
@@ -156,6 +158,15 @@ func parseBench(args []string, stderr io.Writer) (*benchConfig, error) {
 	}
 	if ip := net.ParseIP(u.Hostname()); u.Hostname() != "localhost" && (ip == nil || !ip.IsLoopback()) {
 		return nil, fmt.Errorf("--url %s: the load tool only targets loopback addresses", c.URL)
+	}
+	if c.MetricsURL != "" {
+		mu, err := url.Parse(c.MetricsURL)
+		if err != nil {
+			return nil, fmt.Errorf("--server-metrics: %w", err)
+		}
+		if ip := net.ParseIP(mu.Hostname()); mu.Hostname() != "localhost" && (ip == nil || !ip.IsLoopback()) {
+			return nil, fmt.Errorf("--server-metrics %s: the load tool only targets loopback addresses", c.MetricsURL)
+		}
 	}
 	if c.Duration <= 0 || c.Duration > 30*time.Minute {
 		return nil, errors.New("--duration must be between 0 and 30m")
@@ -185,7 +196,7 @@ func bench(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		}
 		return json.NewEncoder(stdout).Encode(r)
 	}
-	before := rssKiB(c.ServerPID)
+	before := c.serverRSS()
 	var res *benchResult
 	if c.Procs == 1 {
 		c.workers, c.workerIndex = 1, 0
@@ -198,7 +209,7 @@ func bench(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	res.RSSBeforeKiB = before
 	if res.RSSAfterKiB == 0 {
-		res.RSSAfterKiB = rssKiB(c.ServerPID)
+		res.RSSAfterKiB = c.serverRSS()
 	}
 	if c.JSON {
 		return json.NewEncoder(stdout).Encode(res)
@@ -573,7 +584,7 @@ func (b *bencher) connect(ctx context.Context, lo, hi int) error {
 		case <-ctx.Done():
 			return ctx.Err()
 		case <-deadline:
-			b.res.RSSAfterKiB = rssKiB(b.c.ServerPID) // while every session is still open
+			b.res.RSSAfterKiB = b.c.serverRSS() // while every session is still open
 			return nil
 		case <-tick.C:
 			b.progress("holding %d sessions, %d drops", b.res.Connected, atomic.LoadInt64(&b.res.Drops))
@@ -914,6 +925,44 @@ func (b *bencher) reconnect(ctx context.Context, lo, hi int) error {
 }
 
 // rssKiB reads VmRSS of pid from /proc (0 when unknown).
+// serverRSS is the server's resident memory in KiB: from /proc with
+// --server-pid, else from process_resident_memory_bytes at
+// --server-metrics; 0 when neither is given or readable.
+func (c *benchConfig) serverRSS() int64 {
+	if c.ServerPID > 0 {
+		return rssKiB(c.ServerPID)
+	}
+	if c.MetricsURL != "" {
+		return metricsRSSKiB(c.MetricsURL)
+	}
+	return 0
+}
+
+// metricsRSSKiB reads process_resident_memory_bytes from a Prometheus text
+// exposition at u.
+func metricsRSSKiB(u string) int64 {
+	client := &http.Client{Timeout: 5 * time.Second}
+	resp, err := client.Get(u)
+	if err != nil {
+		return 0
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 8<<20))
+	if err != nil || resp.StatusCode != http.StatusOK {
+		return 0
+	}
+	for _, line := range strings.Split(string(body), "\n") {
+		if v, ok := strings.CutPrefix(line, "process_resident_memory_bytes "); ok {
+			f, err := strconv.ParseFloat(strings.TrimSpace(v), 64)
+			if err != nil {
+				return 0
+			}
+			return int64(f) / 1024
+		}
+	}
+	return 0
+}
+
 func rssKiB(pid int) int64 {
 	if pid <= 0 {
 		return 0

@@ -86,3 +86,30 @@ func scrape(t *testing.T, url string) string {
 	}
 	return string(b)
 }
+
+// The load tool reads the server's memory from its metrics endpoint when
+// it has no process id (a server in another container or user).
+func TestBenchReadsServerMemoryFromMetrics(t *testing.T) {
+	s := startServer(t, t.TempDir(), "--metrics-addr", "127.0.0.1:0", "--ws-rate", "100000")
+	m := metricsAddrRe.FindStringSubmatch(s.Logs.String())
+	if m == nil {
+		t.Fatalf("no metrics listening line in the logs")
+	}
+	url := "http://" + m[1] + "/metrics"
+	if kib := metricsRSSKiB(url); kib < 1024 {
+		t.Fatalf("server memory %d KiB from %s", kib, url)
+	}
+	if kib := metricsRSSKiB("http://" + m[1] + "/nothing"); kib != 0 {
+		t.Fatalf("memory %d KiB from a URL without metrics", kib)
+	}
+	var out, errb strings.Builder
+	if err := bench(t.Context(), []string{"connect", "--users", "10", "--duration", "1s", "--url", s.URL, "--server-metrics", url, "--json"}, &out, &errb); err != nil {
+		t.Fatalf("bench: %v\n%s", err, errb.String())
+	}
+	if !strings.Contains(out.String(), `"rss_before_kib":`) || !strings.Contains(out.String(), `"rss_after_kib":`) {
+		t.Fatalf("no server memory in the result: %s", out.String())
+	}
+	if _, err := parseBench([]string{"connect", "--server-metrics", "http://10.0.0.1:9090/metrics"}, io.Discard); err == nil {
+		t.Fatal("a non-loopback metrics URL was accepted")
+	}
+}
