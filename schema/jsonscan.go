@@ -63,7 +63,7 @@ func objectMembers(data []byte, buf members) (ms members, ok bool) {
 	}
 	for i < len(data) {
 		// key
-		end := stringEnd(data, i)
+		end := skipJSONString(data, i)
 		if end-i < 2 || data[i] != '"' {
 			return nil, false
 		}
@@ -77,7 +77,7 @@ func objectMembers(data []byte, buf members) (ms members, ok bool) {
 		}
 		i = skipSpace(data, end)
 		i = skipSpace(data, i+1) // the colon
-		vEnd := valueEnd(data, i)
+		vEnd := skipJSONValue(data, i)
 		ms = append(ms, member{key: key, raw: data[i:vEnd]})
 		i = skipSpace(data, vEnd)
 		if i >= len(data) || data[i] == '}' {
@@ -98,55 +98,4 @@ func skipSpace(data []byte, i int) int {
 		}
 	}
 	return i
-}
-
-// stringEnd returns the index just after the string literal starting at
-// data[i] (a quote).
-func stringEnd(data []byte, i int) int {
-	for j := i + 1; j < len(data); j++ {
-		switch data[j] {
-		case '\\':
-			j++
-		case '"':
-			return j + 1
-		}
-	}
-	return len(data)
-}
-
-// valueEnd returns the index just after the value starting at data[i].
-func valueEnd(data []byte, i int) int {
-	if i >= len(data) {
-		return i
-	}
-	switch data[i] {
-	case '"':
-		return stringEnd(data, i)
-	case '{', '[':
-		depth := 0
-		for j := i; j < len(data); j++ {
-			switch data[j] {
-			case '"':
-				j = stringEnd(data, j) - 1
-			case '{', '[':
-				depth++
-			case '}', ']':
-				depth--
-				if depth == 0 {
-					return j + 1
-				}
-			}
-		}
-		return len(data)
-	default: // number, true, false, null
-		j := i
-		for j < len(data) {
-			switch data[j] {
-			case ',', '}', ']', ' ', '\t', '\n', '\r':
-				return j
-			}
-			j++
-		}
-		return j
-	}
 }

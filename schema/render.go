@@ -231,7 +231,8 @@ func skipJSONString(b []byte, i int) int {
 	return len(b)
 }
 
-// skipJSONValue returns the index after the compact JSON value at b[i].
+// skipJSONValue returns the index after the JSON value at b[i] (valid JSON;
+// a number or literal ends at whitespace too).
 func skipJSONValue(b []byte, i int) int {
 	if i >= len(b) {
 		return len(b)
@@ -260,7 +261,7 @@ func skipJSONValue(b []byte, i int) int {
 	}
 	for j := i; j < len(b); j++ {
 		switch b[j] {
-		case ',', '}', ']':
+		case ',', '}', ']', ' ', '\t', '\n', '\r':
 			return j
 		}
 	}
