@@ -157,7 +157,7 @@ func New(cfg Config) (*Service, error) {
 	if cfg.Node == "" {
 		cfg.Node = defaultNode()
 	}
-	if !validNode(cfg.Node) {
+	if !schema.ValidNode(cfg.Node) {
 		return nil, fmt.Errorf("delivery: config: invalid node id %q", cfg.Node)
 	}
 	if cfg.Retention == 0 {
@@ -221,19 +221,6 @@ func New(cfg Config) (*Service, error) {
 		bySubj:        make(map[string]*userSubs),
 	}
 	return s, nil
-}
-
-func validNode(n string) bool {
-	if len(n) == 0 || len(n) > 64 {
-		return false
-	}
-	for i := 0; i < len(n); i++ {
-		c := n[i]
-		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '_' || c == '-') {
-			return false
-		}
-	}
-	return true
 }
 
 func defaultNode() string {

@@ -34,7 +34,7 @@ func TestNewValidates(t *testing.T) {
 			if (err == nil) != tc.ok {
 				t.Fatalf("New err = %v, want ok=%v", err, tc.ok)
 			}
-			if tc.ok && (s.cfg.MaxInFlight != 256 || s.cfg.Retention != 30*24*time.Hour || !validNode(s.Node())) {
+			if tc.ok && (s.cfg.MaxInFlight != 256 || s.cfg.Retention != 30*24*time.Hour || !schema.ValidNode(s.Node())) {
 				t.Fatalf("defaults not filled: %+v", s.cfg)
 			}
 		})

@@ -193,7 +193,7 @@ func New(cfg Config) (*Gateway, error) {
 	if cfg.Node == "" {
 		cfg.Node = "gateway"
 	}
-	if !validNode(cfg.Node) {
+	if !schema.ValidNode(cfg.Node) {
 		return nil, fmt.Errorf("gateway: config: node %q is not 1 to 64 of [A-Za-z0-9_-]", cfg.Node)
 	}
 	m, err := newMetrics(cfg.Metrics)
@@ -413,16 +413,3 @@ func newServerID() string {
 }
 
 func nowMs() uint64 { return uint64(time.Now().UnixMilli()) }
-
-func validNode(s string) bool {
-	if len(s) == 0 || len(s) > 64 {
-		return false
-	}
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '_' || c == '-') {
-			return false
-		}
-	}
-	return true
-}

@@ -119,3 +119,19 @@ func ParseToken(tok string) (string, error) {
 	}
 	return s, nil
 }
+
+// ValidNode reports whether s is an acceptable process (node) name: 1 to 64
+// of [A-Za-z0-9_-]. Node names appear in subjects (a gateway's CHAT_IN
+// batches, delivery's presence) and KV keys as they are.
+func ValidNode(s string) bool {
+	if len(s) == 0 || len(s) > MaxIDLen {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '_' || c == '-') {
+			return false
+		}
+	}
+	return true
+}
