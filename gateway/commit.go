@@ -58,7 +58,7 @@ const (
 // its own limit.
 //
 // The committer's goroutines start with the first publish and end in
-// close; publishes after close are written as batches of one.
+// close; publishes after close are committed by their caller.
 type committer struct {
 	js      jetstream.JetStream
 	log     *slog.Logger
