@@ -404,3 +404,29 @@ func TestServeFlagErrors(t *testing.T) {
 		t.Fatalf("env/flag precedence: %+v %v", c, err)
 	}
 }
+
+// `vartalap health` succeeds against a ready server and fails without one.
+func TestHealthCommand(t *testing.T) {
+	s := startServer(t, t.TempDir())
+	var out syncBuffer
+	if err := run(t.Context(), []string{"health", "--url", s.URL}, func(string) string { return "" }, &out); err != nil {
+		t.Fatalf("health of a running server: %v", err)
+	}
+	// The address from VARTALAP_HTTP_ADDR, as in the container image.
+	addr := strings.TrimPrefix(s.URL, "http://")
+	env := func(k string) string {
+		if k == "VARTALAP_HTTP_ADDR" {
+			return addr
+		}
+		return ""
+	}
+	if err := run(t.Context(), []string{"health"}, env, &out); err != nil {
+		t.Fatalf("health from VARTALAP_HTTP_ADDR: %v", err)
+	}
+	if err := s.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	if err := run(t.Context(), []string{"health", "--url", s.URL, "--timeout", "2s"}, func(string) string { return "" }, &out); err == nil {
+		t.Fatal("health of a stopped server succeeded")
+	}
+}

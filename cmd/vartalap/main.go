@@ -54,6 +54,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 		return serve(ctx, args[1:], getenv, stderr)
 	case "bench":
 		return bench(ctx, args[1:], os.Stdout, stderr)
+	case "health":
+		return health(ctx, args[1:], getenv, stderr)
 	case "version", "--version", "-version":
 		fmt.Fprintln(stderr, "vartalap", version)
 		return nil
@@ -73,6 +75,7 @@ func usage(w io.Writer) {
 commands:
   serve     run the chat server (all services on an embedded NATS by default)
   bench     load-test a running server (vartalap bench for the scenarios)
+  health    exit 0 if a running server is ready (GET /readyz), 1 otherwise
   version   print the version
 
 Run "vartalap serve -h" for the serve flags. Every flag can also be set with
