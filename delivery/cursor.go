@@ -177,6 +177,37 @@ func (s *Service) openCursor(ctx context.Context, a *assets, user schema.UserID,
 // seenRefresh is how stale a device's Seen may be before a connect writes it.
 const seenRefresh = 24 * time.Hour
 
+// purgeConcurrency bounds the purges one node runs at once. A purge is an
+// fsynced write that walks the user's blocks under the INBOX stream's lock;
+// 2,000 sessions that connected together purged together a minute later and
+// stalled the stream for seconds (publishes and cursor writes timed out).
+const purgeConcurrency = 2
+
+// tryPurge runs maybePurge if a purge slot is free and reports whether it
+// ran; sessions skip a purge when the node is busy purging and try again
+// later.
+func (s *Service) tryPurge(ctx context.Context, a *assets, user schema.UserID, doc *cursorDoc) (bool, error) {
+	select {
+	case s.purgeSlots <- struct{}{}:
+	default:
+		return false, nil
+	}
+	defer func() { <-s.purgeSlots }()
+	return true, s.maybePurge(ctx, a, user, doc)
+}
+
+// purgeWait runs maybePurge when a purge slot is free, waiting for one at
+// most until ctx ends.
+func (s *Service) purgeWait(ctx context.Context, a *assets, user schema.UserID, doc *cursorDoc) error {
+	select {
+	case s.purgeSlots <- struct{}{}:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	defer func() { <-s.purgeSlots }()
+	return s.maybePurge(ctx, a, user, doc)
+}
+
 // maybePurge purges the user's messages acked by every known device and
 // records the purge point. With no device left nothing is purged: a future
 // device will get what is still there.
@@ -223,7 +254,7 @@ func (s *Service) ForgetDevice(ctx context.Context, user schema.UserID, device s
 	if err != nil {
 		return err
 	}
-	return s.maybePurge(ctx, a, user, doc)
+	return s.purgeWait(ctx, a, user, doc)
 }
 
 // AckByID marks the messages with the given ids as acked by device without a
@@ -318,5 +349,5 @@ func (s *Service) AckByID(ctx context.Context, user schema.UserID, device schema
 		// A session here counts the acks it applies itself.
 		s.metrics.acks.Add(float64(matched))
 	}
-	return s.maybePurge(ctx, a, user, doc)
+	return s.purgeWait(ctx, a, user, doc)
 }

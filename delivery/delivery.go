@@ -112,6 +112,7 @@ type Service struct {
 	closeTimeout  time.Duration // bound on a session's final flush
 	purgeEvery    time.Duration // how often a running session purges acked mail
 	purgeAcks     int           // acks since the last purge that make the next flush purge anyway
+	purgeSlots    chan struct{} // purges running at once on this node (see tryPurge)
 	maxAckPending int           // acks queued for a session before extra ones are dropped
 
 	assets atomic.Pointer[assets]
@@ -216,6 +217,7 @@ func New(cfg Config) (*Service, error) {
 		closeTimeout:  5 * time.Second,
 		purgeEvery:    time.Minute,
 		purgeAcks:     1000,
+		purgeSlots:    make(chan struct{}, purgeConcurrency),
 		maxAckPending: 4 * cfg.MaxInFlight,
 		users:         make(map[schema.UserID]*userSubs),
 		bySubj:        make(map[string]*userSubs),

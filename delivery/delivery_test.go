@@ -469,6 +469,29 @@ func TestIdleDeviceDoesNotHoldPurges(t *testing.T) {
 	waitIDs(t, back, next)
 }
 
+// Purges are bounded per node: with every slot taken a session's purge is
+// skipped (and tried again later), not queued.
+func TestPurgeSkippedWhenNodeBusy(t *testing.T) {
+	e := newEnv(t, Config{CursorFlush: 10 * time.Millisecond}, func(s *Service) { s.purgeEvery = 10 * time.Millisecond })
+	for range cap(e.svc.purgeSlots) {
+		e.svc.purgeSlots <- struct{}{}
+	}
+	phone := &testSink{}
+	sp := e.open(t, "bob", "phone", phone)
+	ids := e.publishN(t, "bob", "m", 3)
+	waitIDs(t, phone, ids)
+	sp.Ack(ids...)
+	waitFor(t, "phone cursor", func() bool { return e.cursorOf(t, "bob").Devices["phone"].Floor > 0 })
+	time.Sleep(100 * time.Millisecond) // many flushes and purge attempts
+	if n := e.stored(t, "bob"); n != 3 {
+		t.Fatalf("stored %d while every purge slot is taken, want 3", n)
+	}
+	for range cap(e.svc.purgeSlots) {
+		<-e.svc.purgeSlots
+	}
+	waitFor(t, "the skipped purge, retried", func() bool { return e.stored(t, "bob") == 0 })
+}
+
 func TestMinFloorSkipsIdleDevices(t *testing.T) {
 	d := &cursorDoc{Devices: map[string]*deviceCursor{
 		"active": {Floor: 9, Seen: 2000},

@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"context"
 	"crypto/rand"
+	mrand "math/rand/v2"
 	"slices"
 	"strconv"
 	"sync"
@@ -85,6 +86,8 @@ type flushResult struct {
 	err    error         // the write failed: the cursor is still dirty
 	merged *deviceCursor // the stored cursor after the write; nil: forgotten
 	purged bool          // the write also purged
+	// purgeSkipped: a purge-only run found the node busy purging.
+	purgeSkipped bool
 }
 
 type inflight struct {
@@ -102,9 +105,10 @@ func newSession(s *Service, user schema.UserID, device schema.DeviceID, sink Sin
 		subject: schema.UserInbox(user),
 		sink:    sink,
 		done:    make(chan struct{}),
-		// The first purge waits purgeEvery too, so a reconnect storm is
-		// not a storm of purges.
-		lastPurge: time.Now(),
+		// The first purge waits purgeEvery too, and up to half as long
+		// again at random, so sessions that connected together (a
+		// reconnect storm) do not purge together.
+		lastPurge: time.Now().Add(mrand.N(s.purgeEvery/2 + 1)),
 	}
 }
 
@@ -639,10 +643,11 @@ func (ss *Session) purgeAsync() {
 			ss.s.log.Warn("inbox purge", "user", ss.user, "err", err)
 			return flushResult{}
 		}
-		if err := ss.s.maybePurge(ctx, a, ss.user, doc); err != nil {
+		ran, err := ss.s.tryPurge(ctx, a, ss.user, doc)
+		if err != nil {
 			ss.s.log.Warn("inbox purge", "user", ss.user, "err", err)
 		}
-		return flushResult{}
+		return flushResult{purgeSkipped: !ran}
 	})
 }
 
@@ -669,6 +674,9 @@ func (ss *Session) applyFlush(res *flushResult) {
 	ss.flushing, ss.bgDone = false, nil
 	switch {
 	case !res.wrote:
+		if res.purgeSkipped {
+			ss.purgeDue = true // again after purgeEvery
+		}
 	case res.err != nil:
 		ss.dirty = true // write it again after CursorFlush
 	case res.merged == nil:
@@ -721,10 +729,11 @@ func (ss *Session) writeCursor(ctx context.Context, mine *deviceCursor, purge bo
 		return res
 	}
 	if res.merged != nil && purge {
-		res.purged = true
-		if err := ss.s.maybePurge(ctx, a, ss.user, doc); err != nil {
+		ran, err := ss.s.tryPurge(ctx, a, ss.user, doc)
+		if err != nil {
 			ss.s.log.Warn("inbox purge", "user", ss.user, "err", err)
 		}
+		res.purged = ran // skipped when the node is busy purging: purgeDue
 	}
 	return res
 }
@@ -764,7 +773,8 @@ func (ss *Session) purgeNow(ctx context.Context) {
 		ss.s.log.Warn("inbox purge", "user", ss.user, "err", err)
 		return
 	}
-	if err := ss.s.maybePurge(ctx, a, ss.user, doc); err != nil {
+	// A busy node skips it: the user's next session purges.
+	if _, err := ss.s.tryPurge(ctx, a, ss.user, doc); err != nil {
 		ss.s.log.Warn("inbox purge", "user", ss.user, "err", err)
 	}
 }
