@@ -17,6 +17,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/time/rate"
 
 	"github.com/vartalap/vartalap/schema"
 )
@@ -113,6 +114,7 @@ type Service struct {
 	purgeEvery    time.Duration // how often a running session purges acked mail
 	purgeAcks     int           // acks since the last purge that make the next flush purge anyway
 	purgeSlots    chan struct{} // purges running at once on this node (see tryPurge)
+	purgeRate     *rate.Limiter // session purges started per second on this node
 	maxAckPending int           // acks queued for a session before extra ones are dropped
 
 	assets atomic.Pointer[assets]
@@ -218,6 +220,7 @@ func New(cfg Config) (*Service, error) {
 		purgeEvery:    time.Minute,
 		purgeAcks:     1000,
 		purgeSlots:    make(chan struct{}, purgeConcurrency),
+		purgeRate:     rate.NewLimiter(purgesPerSecond, 1),
 		maxAckPending: 4 * cfg.MaxInFlight,
 		users:         make(map[schema.UserID]*userSubs),
 		bySubj:        make(map[string]*userSubs),

@@ -492,6 +492,27 @@ func TestPurgeSkippedWhenNodeBusy(t *testing.T) {
 	waitFor(t, "the skipped purge, retried", func() bool { return e.stored(t, "bob") == 0 })
 }
 
+// Session purges are rate-limited per node, except urgent ones (a device
+// that acked purgeAcks messages since its last purge: its inbox fills).
+func TestPurgeRateLimitSparesUrgentPurges(t *testing.T) {
+	e := newEnv(t, Config{}, nil)
+	a, err := e.svc.getAssets()
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.svc.purgeRate.SetLimit(0.001) // one token, then none for a long time
+	doc := &cursorDoc{}
+	if ran, err := e.svc.tryPurge(t.Context(), a, "bob", doc, false); err != nil || !ran {
+		t.Fatalf("first purge: ran %v, err %v", ran, err)
+	}
+	if ran, _ := e.svc.tryPurge(t.Context(), a, "bob", doc, false); ran {
+		t.Fatal("a second routine purge ran although the rate allows none")
+	}
+	if ran, err := e.svc.tryPurge(t.Context(), a, "bob", doc, true); err != nil || !ran {
+		t.Fatalf("urgent purge: ran %v, err %v", ran, err)
+	}
+}
+
 func TestMinFloorSkipsIdleDevices(t *testing.T) {
 	d := &cursorDoc{Devices: map[string]*deviceCursor{
 		"active": {Floor: 9, Seen: 2000},

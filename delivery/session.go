@@ -86,6 +86,7 @@ type flushResult struct {
 	err    error         // the write failed: the cursor is still dirty
 	merged *deviceCursor // the stored cursor after the write; nil: forgotten
 	purged bool          // the write also purged
+	urgent bool          // its purge was urgent (purgeAcks reached)
 	// purgeSkipped: a purge-only run found the node busy purging.
 	purgeSkipped bool
 }
@@ -623,11 +624,12 @@ func (ss *Session) flushAsync() {
 	ss.dirty = false
 	// Acked mail still counts against the inbox cap until it is purged:
 	// a device that reads a lot purges sooner than purgeEvery.
-	purge := time.Since(ss.lastPurge) >= ss.s.purgeEvery || ss.unpurged >= ss.s.purgeAcks
+	urgent := ss.unpurged >= ss.s.purgeAcks
+	purge := urgent || time.Since(ss.lastPurge) >= ss.s.purgeEvery
 	if purge {
 		ss.lastPurge, ss.purgeDue, ss.unpurged = time.Now(), false, 0
 	}
-	ss.background(func(ctx context.Context) flushResult { return ss.writeCursor(ctx, mine, purge) })
+	ss.background(func(ctx context.Context) flushResult { return ss.writeCursor(ctx, mine, purge, urgent) })
 }
 
 // purgeAsync starts the purge a flush skipped, on the current cursors.
@@ -643,7 +645,7 @@ func (ss *Session) purgeAsync() {
 			ss.s.log.Warn("inbox purge", "user", ss.user, "err", err)
 			return flushResult{}
 		}
-		ran, err := ss.s.tryPurge(ctx, a, ss.user, doc)
+		ran, err := ss.s.tryPurge(ctx, a, ss.user, doc, false)
 		if err != nil {
 			ss.s.log.Warn("inbox purge", "user", ss.user, "err", err)
 		}
@@ -686,6 +688,9 @@ func (ss *Session) applyFlush(res *flushResult) {
 		if !res.purged {
 			ss.purgeDue = true // else nothing would purge what this write recorded
 		}
+		if res.urgent && !res.purged {
+			ss.unpurged = max(ss.unpurged, ss.s.purgeAcks) // still urgent: the next write tries again
+		}
 	}
 }
 
@@ -706,8 +711,8 @@ func (ss *Session) waitBackground() {
 
 // writeCursor merges mine into the stored cursor of the device and, if
 // purge, purges what every device has acked. It touches no worker state.
-func (ss *Session) writeCursor(ctx context.Context, mine *deviceCursor, purge bool) flushResult {
-	res := flushResult{wrote: true}
+func (ss *Session) writeCursor(ctx context.Context, mine *deviceCursor, purge, urgent bool) flushResult {
+	res := flushResult{wrote: true, urgent: urgent}
 	a, err := ss.s.getAssets()
 	if err != nil {
 		res.err = err
@@ -729,7 +734,7 @@ func (ss *Session) writeCursor(ctx context.Context, mine *deviceCursor, purge bo
 		return res
 	}
 	if res.merged != nil && purge {
-		ran, err := ss.s.tryPurge(ctx, a, ss.user, doc)
+		ran, err := ss.s.tryPurge(ctx, a, ss.user, doc, urgent)
 		if err != nil {
 			ss.s.log.Warn("inbox purge", "user", ss.user, "err", err)
 		}
@@ -748,7 +753,7 @@ func (ss *Session) flush(ctx context.Context) {
 	ss.lastPurge, ss.purgeDue = time.Now(), false
 	ctx, cancel := context.WithTimeout(ctx, ss.s.opTimeout)
 	defer cancel()
-	res := ss.writeCursor(ctx, ss.cursor(), true)
+	res := ss.writeCursor(ctx, ss.cursor(), true, ss.unpurged >= ss.s.purgeAcks)
 	ss.dirty = res.err != nil
 	switch {
 	case res.err != nil:
@@ -774,7 +779,7 @@ func (ss *Session) purgeNow(ctx context.Context) {
 		return
 	}
 	// A busy node skips it: the user's next session purges.
-	if _, err := ss.s.tryPurge(ctx, a, ss.user, doc); err != nil {
+	if _, err := ss.s.tryPurge(ctx, a, ss.user, doc, false); err != nil {
 		ss.s.log.Warn("inbox purge", "user", ss.user, "err", err)
 	}
 }
