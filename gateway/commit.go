@@ -106,12 +106,6 @@ func newCommitter(js jetstream.JetStream, log *slog.Logger, timeout time.Duratio
 		wake: make(chan struct{}, 1), stop: make(chan struct{}), done: make(chan struct{})}
 }
 
-// publish stores e in CHAT_IN and returns once it is acknowledged or ctx
-// ends.
-func (c *committer) publish(ctx context.Context, e entry) error {
-	return c.publishAll(ctx, []entry{e})[0]
-}
-
 // publishAll queues entries in order (so they are stored in that order),
 // then waits for all of them. errs[i] is the outcome of entries[i].
 func (c *committer) publishAll(ctx context.Context, entries []entry) []error {

@@ -177,3 +177,9 @@ func TestCommitterPausesOnBacklog(t *testing.T) {
 		t.Fatalf("paused seconds %v, want >= 0.3", testutil.ToFloat64(e.g.metrics.paused))
 	}
 }
+
+// publish stores e in CHAT_IN and returns once it is acknowledged or ctx
+// ends (the tests' shorthand for one entry).
+func (c *committer) publish(ctx context.Context, e entry) error {
+	return c.publishAll(ctx, []entry{e})[0]
+}
