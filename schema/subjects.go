@@ -5,11 +5,12 @@ package schema
 
 // Streams and buckets.
 const (
-	StreamChatIn   = "CHAT_IN"  // owned by router; work queue of accepted client messages
-	StreamInbox    = "INBOX"    // owned by delivery; per-user durable inbox
-	BucketCursors  = "cursors"  // owned by delivery; per-user device cursors
-	BucketPresence = "presence" // owned by delivery; online devices
-	BucketGroups   = "groups"   // owned by groups
+	StreamChatIn   = "CHAT_IN"   // owned by router; work queue of accepted client messages
+	StreamInbox    = "INBOX"     // owned by delivery; per-user durable inbox
+	StreamGroupLog = "GROUP_LOG" // owned by delivery; each group message stored once
+	BucketCursors  = "cursors"   // owned by delivery; per-user device cursors
+	BucketPresence = "presence"  // owned by delivery; online devices
+	BucketGroups   = "groups"    // owned by groups
 )
 
 // Subject prefixes and wildcards.
@@ -20,6 +21,10 @@ const (
 	SubjectDeliverAll   = "deliver.user.*" // core: live delivery (INBOX republish + ephemeral)
 	SubjectDeliverRepub = "deliver.user.{{wildcard(1)}}"
 	SubjectKickAll      = "ctl.kick.*.*" // core: close a device's sockets (logout, key replaced)
+
+	SubjectGroupLogAll       = "msg.group.*"     // GROUP_LOG stream subjects
+	SubjectDeliverGroupAll   = "deliver.group.*" // core: live delivery of GROUP_LOG messages (republish)
+	SubjectDeliverGroupRepub = "deliver.group.{{wildcard(1)}}"
 )
 
 // ChatIn is the CHAT_IN subject a message from user u is published on.
@@ -38,11 +43,17 @@ func UserInbox(u UserID) string { return "msg.user." + Token(u) }
 // Deliver is the core subject live messages for u arrive on.
 func Deliver(u UserID) string { return "deliver.user." + Token(u) }
 
+// GroupLog is g's subject in the GROUP_LOG stream.
+func GroupLog(g GroupID) string { return "msg.group." + Token(g) }
+
+// DeliverGroup is the core subject live messages of group g arrive on.
+func DeliverGroup(g GroupID) string { return "deliver.group." + Token(g) }
+
 // Kick is the core subject that closes the sockets of device d of user u.
 func Kick(u UserID, d DeviceID) string { return "ctl.kick." + Token(u) + "." + Token(d) }
 
 // UserFromSubject returns the user id encoded in the last token of an
-// INBOX, deliver or CHAT_IN subject.
+// INBOX, deliver or CHAT_IN subject (GroupFromSubject's counterpart).
 func UserFromSubject(subject string) (UserID, error) {
 	i := len(subject) - 1
 	for i >= 0 && subject[i] != '.' {
@@ -52,6 +63,13 @@ func UserFromSubject(subject string) (UserID, error) {
 	return UserID(s), err
 }
 
+// GroupFromSubject returns the group id encoded in the last token of a
+// GROUP_LOG or deliver.group subject.
+func GroupFromSubject(subject string) (GroupID, error) {
+	u, err := UserFromSubject(subject)
+	return GroupID(u), err
+}
+
 // NATS header names used on the bus.
 const (
 	HeaderMsgID    = "Nats-Msg-Id"        // JetStream de-duplication
@@ -59,4 +77,5 @@ const (
 	HeaderLastSeq  = "Nats-Last-Sequence" // per-subject previous sequence on republished messages
 	HeaderDevice   = "Vartalap-Device"    // sending device on CHAT_IN messages
 	HeaderBatch    = "Vartalap-Batch"     // on a CHAT_IN batch: its format version, "1"
+	HeaderSender   = "Vartalap-Sender"    // on GROUP_LOG messages: Token of the sending user
 )
