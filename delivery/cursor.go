@@ -22,22 +22,59 @@ type cursorDoc struct {
 	Purged uint64 `json:"purged"`
 }
 
-// deviceCursor is one device's position in its user's inbox.
+// deviceCursor is one device's position in its user's inbox and groups.
 type deviceCursor struct {
-	// Floor: every INBOX seq of this user <= Floor is acked by the device.
-	Floor uint64 `json:"floor"`
-	// Acked: acked seqs above Floor, ascending.
-	Acked []uint64 `json:"acked,omitempty"`
+	laneCursor // the inbox
 	// Seen: when the device last connected or acked (unix ms, refreshed
 	// at most daily on connect and on every cursor write); 0 in cursors
 	// written before it existed.
 	Seen int64 `json:"seen,omitempty"`
+	// Groups: the device's position in the GROUP_LOG subject of each group
+	// it has read (by group id).
+	Groups map[string]*laneCursor `json:"groups,omitempty"`
 }
 
-// merge folds o into c: the higher floor and the union of acked seqs above it.
+// laneCursor is a position in one stream subject.
+type laneCursor struct {
+	// Floor: every seq of the subject <= Floor is acked by the device.
+	Floor uint64 `json:"floor"`
+	// Acked: acked seqs above Floor, ascending.
+	Acked []uint64 `json:"acked,omitempty"`
+}
+
+// merge folds o into c: the higher floor and the union of acked seqs above
+// it, for the inbox and each group.
 func (c *deviceCursor) merge(o *deviceCursor) {
-	c.Floor = max(c.Floor, o.Floor)
+	c.laneCursor.merge(&o.laneCursor)
 	c.Seen = max(c.Seen, o.Seen)
+	for g, og := range o.Groups {
+		if c.Groups == nil {
+			c.Groups = make(map[string]*laneCursor, len(o.Groups))
+		}
+		cg := c.Groups[g]
+		if cg == nil {
+			cg = &laneCursor{}
+			c.Groups[g] = cg
+		}
+		cg.merge(og)
+	}
+}
+
+// clone returns a deep copy of c.
+func (c *deviceCursor) clone() *deviceCursor {
+	out := &deviceCursor{laneCursor: c.laneCursor.clone(), Seen: c.Seen}
+	if len(c.Groups) > 0 {
+		out.Groups = make(map[string]*laneCursor, len(c.Groups))
+		for g, gc := range c.Groups {
+			cl := gc.clone()
+			out.Groups[g] = &cl
+		}
+	}
+	return out
+}
+
+func (c *laneCursor) merge(o *laneCursor) {
+	c.Floor = max(c.Floor, o.Floor)
 	acked := make([]uint64, 0, len(c.Acked)+len(o.Acked))
 	for _, list := range [][]uint64{c.Acked, o.Acked} {
 		for _, q := range list {
@@ -51,6 +88,10 @@ func (c *deviceCursor) merge(o *deviceCursor) {
 	if len(c.Acked) == 0 {
 		c.Acked = nil
 	}
+}
+
+func (c laneCursor) clone() laneCursor {
+	return laneCursor{Floor: c.Floor, Acked: slices.Clone(c.Acked)}
 }
 
 // minFloor returns the lowest floor over the devices that are not idle (not
@@ -160,15 +201,15 @@ func (s *Service) openCursor(ctx context.Context, a *assets, user schema.UserID,
 	now := time.Now().UnixMilli()
 	_, err := s.updateCursor(ctx, a, user, func(d *cursorDoc) bool {
 		if c := d.Devices[string(device)]; c != nil {
-			out = deviceCursor{Floor: c.Floor, Acked: slices.Clone(c.Acked)}
+			out = *c.clone()
 			if now-c.Seen < seenRefresh.Milliseconds() {
 				return false
 			}
 			c.Seen = now // a connect is activity; written at most daily
 			return true
 		}
-		out = deviceCursor{Floor: d.Purged}
-		d.Devices[string(device)] = &deviceCursor{Floor: d.Purged, Seen: now}
+		out = deviceCursor{laneCursor: laneCursor{Floor: d.Purged}}
+		d.Devices[string(device)] = &deviceCursor{laneCursor: laneCursor{Floor: d.Purged}, Seen: now}
 		return true
 	})
 	return out, err
@@ -268,9 +309,10 @@ func (s *Service) ForgetDevice(ctx context.Context, user schema.UserID, device s
 }
 
 // AckByID marks the messages with the given ids as acked by device without a
-// socket (REST acks). It scans the device's pending messages from its cursor,
-// at most MaxPerUser of them, and advances the cursor. A session of the
-// device on this node is told as well.
+// socket (REST acks). It scans the device's pending messages from its
+// cursor, at most MaxPerUser of them per subject: the inbox, then (while
+// some ids matched nothing) each group of the user; and advances the
+// cursor. A session of the device on this node is told as well.
 func (s *Service) AckByID(ctx context.Context, user schema.UserID, device schema.DeviceID, ids []string) error {
 	if !user.Valid() || !device.Valid() {
 		return fmt.Errorf("ack by id: %w", schema.ErrInvalidID)
@@ -282,58 +324,65 @@ func (s *Service) AckByID(ctx context.Context, user schema.UserID, device schema
 	if err != nil {
 		return err
 	}
-	want := make(map[string]struct{}, len(ids))
+	want := make(map[string]bool, len(ids)) // id -> matched
 	for _, id := range ids {
-		want[id] = struct{}{}
+		want[id] = false
 	}
 
 	// Snapshot the device's cursor.
-	var cur deviceCursor
+	var cur *deviceCursor
 	var known bool
 	if _, _, err := cas(ctx, s.log, a.cursors, schema.Token(user), func(d *cursorDoc, _ bool) casOp {
 		if c := d.Devices[string(device)]; c != nil {
-			cur, known = deviceCursor{Floor: c.Floor, Acked: slices.Clone(c.Acked)}, true
+			cur, known = c.clone(), true
 		} else {
-			cur = deviceCursor{Floor: d.Purged}
+			cur = &deviceCursor{laneCursor: laneCursor{Floor: d.Purged}}
 		}
 		return casNone
 	}); err != nil {
 		return fmt.Errorf("ack by id: %w", err)
 	}
 
-	// Walk the pending messages: the floor advances over a contiguous run of
-	// acked ones; later matches are recorded as acked above the floor.
-	upd := deviceCursor{Floor: cur.Floor, Seen: time.Now().UnixMilli()}
-	contiguous := true
-	var scanned int64
-	matched := 0 // messages acked now, not before
-	_, err = s.scan(ctx, schema.UserInbox(user), cur.Floor+1, 256, func(m *jetstream.RawStreamMsg) bool {
-		scanned++
-		acked := false
-		if _, ok := slices.BinarySearch(cur.Acked, m.Sequence); ok {
-			acked = true
-		} else if msg, err := schema.UnmarshalProto(m.Data); err == nil {
-			_, acked = want[msg.ID]
-			if acked {
-				matched++
-			}
-			if acked && !contiguous {
-				upd.Acked = append(upd.Acked, m.Sequence)
-			}
-		}
-		switch {
-		case acked && contiguous:
-			upd.Floor = m.Sequence
-		case !acked:
-			contiguous = false
-		}
-		return scanned < s.cfg.MaxPerUser
-	})
+	upd := &deviceCursor{Seen: time.Now().UnixMilli()}
+	var matched int // messages acked now, not before
+	upd.laneCursor, matched, err = s.ackScan(ctx, schema.StreamInbox, schema.UserInbox(user), cur.laneCursor, want, nil)
 	if err != nil {
 		return fmt.Errorf("ack by id: %w", err)
 	}
-	upd.merge(&deviceCursor{Acked: cur.Acked})
-	if !known && upd.Floor == cur.Floor && len(upd.Acked) == 0 {
+	changed := upd.Floor != cur.Floor || len(upd.Acked) != len(cur.Acked)
+	if s.cfg.Groups != nil && slices.ContainsFunc(ids, func(id string) bool { return !want[id] }) {
+		ms, err := s.cfg.Groups.Memberships(ctx, user)
+		if err != nil {
+			return fmt.Errorf("ack by id: memberships: %w", err)
+		}
+		own := schema.Token(user)
+		for _, m := range ms {
+			if !m.Group.Valid() || len(m.Epochs) == 0 {
+				continue
+			}
+			gc := laneCursor{Floor: m.Start()}
+			if c := cur.Groups[string(m.Group)]; c != nil {
+				gc = c.clone()
+				gc.Floor = max(gc.Floor, m.Start())
+			}
+			skip := func(r *jetstream.RawStreamMsg) bool {
+				return !m.Visible(r.Sequence) || r.Header.Get(schema.HeaderSender) == own
+			}
+			lc, n, err := s.ackScan(ctx, schema.StreamGroupLog, schema.GroupLog(m.Group), gc, want, skip)
+			if err != nil {
+				return fmt.Errorf("ack by id: %w", err)
+			}
+			if n > 0 {
+				if upd.Groups == nil {
+					upd.Groups = make(map[string]*laneCursor)
+				}
+				upd.Groups[string(m.Group)] = &lc
+				matched += n
+				changed = true
+			}
+		}
+	}
+	if !known && !changed {
 		return nil // nothing matched for a device we do not track
 	}
 	doc, err := s.updateCursor(ctx, a, user, func(d *cursorDoc) bool {
@@ -345,7 +394,7 @@ func (s *Service) AckByID(ctx context.Context, user schema.UserID, device schema
 			c = &deviceCursor{}
 			d.Devices[string(device)] = c
 		}
-		c.merge(&upd)
+		c.merge(upd)
 		return true
 	})
 	if err != nil {
@@ -360,4 +409,43 @@ func (s *Service) AckByID(ctx context.Context, user schema.UserID, device schema
 		s.metrics.acks.Add(float64(matched))
 	}
 	return s.purgeWait(ctx, a, user, doc)
+}
+
+// ackScan walks the messages of subj after cur and returns cur with the
+// ones whose id is in want acked (marking those ids matched), and how many
+// it acked: the floor advances over a contiguous run of acked messages
+// (skip: messages that need no ack), later matches are recorded above it.
+// It reads at most MaxPerUser messages.
+func (s *Service) ackScan(ctx context.Context, stream, subj string, cur laneCursor, want map[string]bool, skip func(*jetstream.RawStreamMsg) bool) (laneCursor, int, error) {
+	upd := laneCursor{Floor: cur.Floor}
+	contiguous := true
+	var scanned int64
+	matched := 0
+	_, err := s.scan(ctx, stream, subj, cur.Floor+1, 256, func(m *jetstream.RawStreamMsg) bool {
+		scanned++
+		acked := false
+		if _, ok := slices.BinarySearch(cur.Acked, m.Sequence); ok || (skip != nil && skip(m)) {
+			acked = true
+		} else if msg, err := schema.UnmarshalProto(m.Data); err == nil {
+			if _, acked = want[msg.ID]; acked {
+				want[msg.ID] = true
+				matched++
+				if !contiguous {
+					upd.Acked = append(upd.Acked, m.Sequence)
+				}
+			}
+		}
+		switch {
+		case acked && contiguous:
+			upd.Floor = m.Sequence
+		case !acked:
+			contiguous = false
+		}
+		return scanned < s.cfg.MaxPerUser
+	})
+	if err != nil {
+		return cur, 0, err
+	}
+	upd.merge(&laneCursor{Acked: cur.Acked})
+	return upd, matched, nil
 }

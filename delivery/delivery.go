@@ -85,13 +85,27 @@ type Config struct {
 	// (and always when it ends). A crash loses at most this much of a
 	// device's acks: those messages are delivered again. Default: 1s.
 	CursorFlush time.Duration
+	// Groups gives the memberships of a user (package groups). Default nil:
+	// sessions deliver no GROUP_LOG messages.
+	Groups Memberships
+	// MaxPerGroup is the GROUP_LOG MaxMsgsPerSubject: the newest messages
+	// of a group kept for members who have not read them (older ones are
+	// discarded; MaxAge is Retention). Default: 100000.
+	MaxPerGroup int64
 	// Metrics registers the service's Prometheus collectors
 	// (vartalap_delivery_*). Default nil: they count but are not
 	// registered. New fails if they cannot be registered (e.g. twice).
 	Metrics prometheus.Registerer
 }
 
-// Service owns the INBOX stream, the cursors, presence and nodes buckets, and
+// Memberships is what delivery needs from the groups service.
+type Memberships interface {
+	// Memberships returns the groups u is or was a member of, with the
+	// GROUP_LOG sequences of each membership (see schema.Membership).
+	Memberships(ctx context.Context, u schema.UserID) ([]schema.Membership, error)
+}
+
+// Service owns the INBOX and GROUP_LOG streams, the cursors, presence and nodes buckets, and
 // the delivery sessions of this process. Create it with New, call Setup, run
 // Run, then Open sessions.
 type Service struct {
@@ -126,8 +140,9 @@ type Service struct {
 	running bool
 	runCtx  context.Context
 	liveCh  chan *nats.Msg
-	users   map[schema.UserID]*userSubs
-	bySubj  map[string]*userSubs
+	users   map[schema.UserID]*subs // live subscriptions of users with sessions here
+	groups  map[schema.GroupID]*subs
+	bySubj  map[string]*subs
 	wg      sync.WaitGroup // session goroutines
 }
 
@@ -138,12 +153,14 @@ type assets struct {
 	nodes    jetstream.KeyValue
 }
 
-// userSubs is the one live subscription of a user on this node and the
-// user's sessions here.
-type userSubs struct {
+// subs is the one live subscription of a user (or a group) on this node
+// and the sessions here that receive it: the user's, or those of the
+// group's members.
+type subs struct {
 	sub      *nats.Subscription
 	sessions []*Session
 	dropped  int
+	group    bool // a group's: its messages are decoded once for all sessions
 }
 
 // New validates cfg, fills defaults and returns a Service.
@@ -181,6 +198,9 @@ func New(cfg Config) (*Service, error) {
 	if cfg.CursorFlush == 0 {
 		cfg.CursorFlush = time.Second
 	}
+	if cfg.MaxPerGroup == 0 {
+		cfg.MaxPerGroup = 100000
+	}
 	if cfg.DeviceIdle == 0 {
 		cfg.DeviceIdle = 14 * 24 * time.Hour
 	}
@@ -189,6 +209,8 @@ func New(cfg Config) (*Service, error) {
 		return nil, errors.New("delivery: config: negative Retention")
 	case cfg.MaxPerUser < 0:
 		return nil, errors.New("delivery: config: negative MaxPerUser")
+	case cfg.MaxPerGroup < 0:
+		return nil, errors.New("delivery: config: negative MaxPerGroup")
 	case cfg.Replicas < 0 || cfg.Replicas > 5:
 		return nil, errors.New("delivery: config: Replicas must be 1 to 5")
 	case cfg.AckTimeout < 0:
@@ -222,8 +244,9 @@ func New(cfg Config) (*Service, error) {
 		purgeSlots:    make(chan struct{}, purgeConcurrency),
 		purgeRate:     rate.NewLimiter(purgesPerSecond, 1),
 		maxAckPending: 4 * cfg.MaxInFlight,
-		users:         make(map[schema.UserID]*userSubs),
-		bySubj:        make(map[string]*userSubs),
+		users:         make(map[schema.UserID]*subs),
+		groups:        make(map[schema.GroupID]*subs),
+		bySubj:        make(map[string]*subs),
 	}
 	return s, nil
 }
@@ -249,8 +272,8 @@ func defaultNode() string {
 // Node returns this process's node id.
 func (s *Service) Node() string { return s.cfg.Node }
 
-// Setup creates or updates the INBOX stream and the cursors, presence and
-// nodes buckets. It is idempotent.
+// Setup creates or updates the INBOX and GROUP_LOG streams and the
+// cursors, presence and nodes buckets. It is idempotent.
 func (s *Service) Setup(ctx context.Context) error {
 	stream, err := s.js.CreateOrUpdateStream(ctx, jetstream.StreamConfig{
 		Name:                 schema.StreamInbox,
@@ -274,6 +297,27 @@ func (s *Service) Setup(ctx context.Context) error {
 	})
 	if err != nil {
 		return fmt.Errorf("create stream %s: %w", schema.StreamInbox, err)
+	}
+	if _, err := s.js.CreateOrUpdateStream(ctx, jetstream.StreamConfig{
+		Name:               schema.StreamGroupLog,
+		Description:        "group messages, each stored once (owned by delivery)",
+		Subjects:           []string{schema.SubjectGroupLogAll},
+		Retention:          jetstream.LimitsPolicy,
+		Storage:            jetstream.FileStorage,
+		MaxAge:             s.cfg.Retention,
+		MaxMsgsPerSubject:  s.cfg.MaxPerGroup,
+		Discard:            jetstream.DiscardOld,
+		AllowDirect:        true,
+		AllowAtomicPublish: true,
+		Duplicates:         2 * time.Minute,
+		RePublish: &jetstream.RePublish{
+			Source:      schema.SubjectGroupLogAll,
+			Destination: schema.SubjectDeliverGroupRepub,
+		},
+		MaxConsumers: 64,
+		Replicas:     s.cfg.Replicas,
+	}); err != nil {
+		return fmt.Errorf("create stream %s: %w", schema.StreamGroupLog, err)
 	}
 	cursors, err := s.cursorBucket(ctx)
 	if err != nil {
@@ -439,8 +483,14 @@ func (s *Service) dispatch(ctx context.Context, ch <-chan *nats.Msg) {
 		case m := <-ch:
 			s.mu.RLock()
 			if u := s.bySubj[m.Subject]; u != nil {
+				var dec *schema.Message
+				if u.group && len(u.sessions) > 1 {
+					// One decode for every member here (nil if it fails:
+					// each session then skips it as poison).
+					dec, _ = schema.UnmarshalProto(m.Data)
+				}
 				for _, ss := range u.sessions {
-					ss.push(m)
+					ss.push(m, dec)
 				}
 			}
 			s.mu.RUnlock()
@@ -453,7 +503,7 @@ func (s *Service) dispatch(ctx context.Context, ch <-chan *nats.Msg) {
 func (s *Service) sweepDrops() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	for _, u := range s.users {
+	for _, u := range s.bySubj {
 		n, err := u.sub.Dropped()
 		if err != nil || n == u.dropped {
 			continue
@@ -567,7 +617,7 @@ func (s *Service) register(ss *Session) (old *Session, subscribed bool, err erro
 		if err != nil {
 			return nil, false, fmt.Errorf("subscribe %s: %w", subj, err)
 		}
-		u = &userSubs{sub: sub}
+		u = &subs{sub: sub}
 		s.users[ss.user] = u
 		s.bySubj[subj] = u
 		subscribed = true
@@ -602,6 +652,61 @@ func (s *Service) unregister(ss *Session) {
 			s.log.Warn("unsubscribe live", "user", ss.user, "err", err)
 		}
 		delete(s.users, ss.user)
+		delete(s.bySubj, u.sub.Subject)
+	}
+}
+
+// joinGroup adds ss to the sessions receiving group g's live messages,
+// subscribing its live subject if ss is the first here.
+func (s *Service) joinGroup(ss *Session, g schema.GroupID) error {
+	s.mu.Lock()
+	u := s.groups[g]
+	subscribed := false
+	if u == nil {
+		subj := schema.DeliverGroup(g)
+		sub, err := s.nc.ChanSubscribe(subj, s.liveCh)
+		if err != nil {
+			s.mu.Unlock()
+			return fmt.Errorf("subscribe %s: %w", subj, err)
+		}
+		u = &subs{sub: sub, group: true}
+		s.groups[g] = u
+		s.bySubj[subj] = u
+		subscribed = true
+	}
+	u.sessions = append(u.sessions, ss)
+	s.mu.Unlock()
+	if subscribed && s.nc != s.js.Conn() {
+		// The catch-up read goes over another connection: make sure the
+		// subscription is active before it. (Failing that, the read
+		// still finds what the subscription missed; live ones after it
+		// show as gaps.)
+		ctx, cancel := context.WithTimeout(ss.ctx, s.opTimeout)
+		if err := s.nc.FlushWithContext(ctx); err != nil {
+			s.log.Warn("flush subscription", "group", g, "err", err)
+		}
+		cancel()
+	}
+	return nil
+}
+
+// leaveGroup removes ss from group g's sessions and drops the subscription
+// with the last one.
+func (s *Service) leaveGroup(ss *Session, g schema.GroupID) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	u := s.groups[g]
+	if u == nil {
+		return
+	}
+	if i := slices.Index(u.sessions, ss); i >= 0 {
+		u.sessions = slices.Delete(u.sessions, i, i+1)
+	}
+	if len(u.sessions) == 0 {
+		if err := u.sub.Unsubscribe(); err != nil && !errors.Is(err, nats.ErrConnectionClosed) {
+			s.log.Warn("unsubscribe live", "group", g, "err", err)
+		}
+		delete(s.groups, g)
 		delete(s.bySubj, u.sub.Subject)
 	}
 }

@@ -515,9 +515,9 @@ func TestPurgeRateLimitSparesUrgentPurges(t *testing.T) {
 
 func TestMinFloorSkipsIdleDevices(t *testing.T) {
 	d := &cursorDoc{Devices: map[string]*deviceCursor{
-		"active": {Floor: 9, Seen: 2000},
-		"idle":   {Floor: 2, Seen: 500},
-		"legacy": {Floor: 5}, // written before Seen existed: never idle
+		"active": {laneCursor: laneCursor{Floor: 9}, Seen: 2000},
+		"idle":   {laneCursor: laneCursor{Floor: 2}, Seen: 500},
+		"legacy": {laneCursor: laneCursor{Floor: 5}}, // written before Seen existed: never idle
 	}}
 	if f, ok := d.minFloor(0); !ok || f != 2 {
 		t.Errorf("no idle cut-off: %d %v, want 2", f, ok)

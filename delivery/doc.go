@@ -1,6 +1,6 @@
-// Package delivery owns each user's durable inbox and gets every message in
-// it to every device of the user, at least once and in stream order, until
-// that device acks it.
+// Package delivery owns each user's durable inbox and the group log, and gets
+// every message in them to every device of the user (of each member), at
+// least once and in stream order per subject, until that device acks it.
 //
 // # Assets (created idempotently by Setup)
 //
@@ -9,8 +9,17 @@
 //     DiscardNew per subject (a full inbox rejects new mail; it never evicts
 //     unread mail), AllowDirect, AllowAtomicPublish, republish to
 //     deliver.user.<user>. There are no per-user consumers.
+//   - Stream GROUP_LOG, subjects msg.group.<group> (ADR 4: a group message
+//     is stored once, not once per member): limits retention, file storage,
+//     MaxAge = Config.Retention, MaxMsgsPerSubject = Config.MaxPerGroup with
+//     DiscardOld (a member offline for longer than the group's newest
+//     MaxPerGroup messages misses the older ones), AllowDirect,
+//     AllowAtomicPublish, republish to deliver.group.<group>. Written by the
+//     router, with the sender's token in the Vartalap-Sender header. Never
+//     purged by acks: it is shared by every member.
 //   - KV cursors (file): key = user token, value
-//     {"devices":{"<device>":{"floor":N,"acked":[seq…]}},"purged":P}. floor is
+//     {"devices":{"<device>":{"floor":N,"acked":[seq…],"seen":ms,
+//     "groups":{"<group>":{"floor":N,"acked":[…]}}}},"purged":P}. floor is
 //     the device's contiguous ack floor (every INBOX seq of the user <= floor
 //     is acked by it), acked the acked seqs above it. Written with CAS, at most
 //     every Config.CursorFlush and when a session ends. After a write, the
@@ -27,17 +36,34 @@
 //
 // # Subjects
 //
-// Consumed: deliver.user.<user> (core; one subscription per user with a
-// session on this node, all feeding one channel and one dispatcher
-// goroutine), ctl.kick.<user>.<device> (core; one subscription per process).
+// Consumed: deliver.user.<user> and deliver.group.<group> (core; one
+// subscription per user with a session on this node and one per group with
+// a member's session here, all feeding one channel and one dispatcher
+// goroutine, which decodes a group message once for all its sessions), ctl.kick.<user>.<device> (core; one subscription per process).
 // Published: ctl.kick.<user>.<device>
 // ({"reason":"replaced","session":…,"node":…,"rev":…}) when a session opens;
-// deliver.user.<user> by PublishEphemeral. Read: INBOX by batched Direct Get
-// (no consumers). rev is the revision of the new session's presence write:
+// deliver.user.<user> by PublishEphemeral. Read: INBOX and GROUP_LOG by
+// batched Direct Get (no consumers). rev is the revision of the new session's presence write:
 // it orders a user's sessions across nodes, so a kick that arrives late never
 // closes a session opened after the kicking one.
 //
 // # Delivery contract
+//
+// A session reads lanes: the user's INBOX subject and, with Config.Groups
+// set, the GROUP_LOG subject of each group the user is or was a member of
+// (schema.Membership: the group's sequences sent while a member). The
+// memberships are loaded when the session starts and again whenever it
+// delivers a group event (NOTIFICATION, action add, remove or delete, which
+// the groups service stores in the inbox after the change); a failed load
+// is retried with backoff. A group lane starts at the device's cursor for
+// the group, or at the start of the membership; it skips messages sent
+// outside the membership and the user's own (Vartalap-Sender); it is
+// subscribed live only while the user is a member, is read to the
+// membership's end after a removal, and dropped once all of that is acked
+// (its cursor kept while the groups service still lists the membership, so
+// nothing is delivered twice). A deleted group's lane and cursor are
+// dropped: what its members had not received is not delivered. Everything
+// below holds per lane; acks find their message in any lane.
 //
 // A Session subscribes first, loads the device cursor, reads the backlog
 // from floor+1 in stream order (skipping seqs already acked) and then goes
@@ -50,7 +76,8 @@
 // messages without Nats-Sequence are ephemeral: delivered to every connected
 // device, never tracked, stored or redelivered.
 //
-// At most Config.MaxInFlight unacked messages are outstanding per device;
+// At most Config.MaxInFlight unacked messages are outstanding per device
+// (over all lanes);
 // beyond that the session remembers that the stream has more and reads it
 // when acks free half the window, so memory per session is bounded whatever
 // senders do. (The cursor's acked list holds acks above the oldest unacked

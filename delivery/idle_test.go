@@ -38,7 +38,7 @@ func TestScan(t *testing.T) {
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			var got []uint64
-			end, err := e.svc.scan(t.Context(), schema.UserInbox("bob"), tc.from, tc.batch, func(m *jetstream.RawStreamMsg) bool {
+			end, err := e.svc.scan(t.Context(), schema.StreamInbox, schema.UserInbox("bob"), tc.from, tc.batch, func(m *jetstream.RawStreamMsg) bool {
 				got = append(got, m.Sequence)
 				if msg, err := schema.UnmarshalProto(m.Data); err != nil || msg.Destination != "bob" {
 					t.Errorf("seq %d: %v, destination %q", m.Sequence, err, msg.Destination)
@@ -83,7 +83,7 @@ func TestIdleSessionHasNoWorker(t *testing.T) {
 	})
 	waitFor(t, "worker gone", func() bool { return !ss.isWorking() })
 	ss.mu.Lock()
-	held := ss.inq != nil || ss.acks != nil || ss.flight != nil || ss.acked != nil || ss.spareQ != nil
+	held := ss.inq != nil || ss.acks != nil || ss.inbox.flight != nil || ss.inbox.acked != nil || ss.spareQ != nil
 	ss.mu.Unlock()
 	if held {
 		t.Fatal("idle session holds buffers")

@@ -9,8 +9,6 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
-
-	"github.com/vartalap/vartalap/schema"
 )
 
 // Headers and statuses of batched Direct Get responses.
@@ -32,8 +30,8 @@ type batchRequest struct {
 	Batch   int    `json:"batch"`
 }
 
-// scan reads the INBOX messages on subj with seq >= from in order, batch at a
-// time, calling fn for each until fn returns false. It reports whether the
+// scan reads the messages of stream on subj with seq >= from in order, batch
+// at a time, calling fn for each until fn returns false. It reports whether the
 // end of the stream was reached.
 //
 // It is a batched Direct Get like jetstreamext.GetBatch, but receives the
@@ -41,7 +39,7 @@ type batchRequest struct {
 // never overflow it). GetBatch subscribes with the connection's SubChanLen,
 // a 512 KiB channel per read: every session's catch-up read allocated one,
 // which dominated the server's memory while many clients connected.
-func (s *Service) scan(ctx context.Context, subj string, from uint64, batch int, fn func(*jetstream.RawStreamMsg) bool) (end bool, err error) {
+func (s *Service) scan(ctx context.Context, stream, subj string, from uint64, batch int, fn func(*jetstream.RawStreamMsg) bool) (end bool, err error) {
 	batch = max(1, min(batch, 1000))
 	nc := s.js.Conn()
 	inbox := nc.NewInbox()
@@ -51,7 +49,7 @@ func (s *Service) scan(ctx context.Context, subj string, from uint64, batch int,
 		return false, fmt.Errorf("read %s from %d: subscribe: %w", subj, from, err)
 	}
 	defer func() { _ = sub.Unsubscribe() }()
-	api := s.apiPrefix() + "DIRECT.GET." + schema.StreamInbox
+	api := s.apiPrefix() + "DIRECT.GET." + stream
 	for {
 		req, _ := json.Marshal(batchRequest{Seq: from, NextFor: subj, Batch: batch})
 		if err := nc.PublishRequest(api, inbox, req); err != nil {

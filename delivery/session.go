@@ -35,20 +35,19 @@ type Sink interface {
 // runs, and it exits when nothing is pending, so an idle session costs no
 // goroutine. At most one worker runs at a time; Ack and Close only signal it.
 type Session struct {
-	s       *Service
-	id      string
-	user    schema.UserID
-	device  schema.DeviceID
-	subject string // the user's INBOX subject
-	sink    Sink
-	ctx     context.Context // Run's context
-	done    chan struct{}
-	rev     atomic.Uint64 // revision of this session's presence write
+	s      *Service
+	id     string
+	user   schema.UserID
+	device schema.DeviceID
+	sink   Sink
+	ctx    context.Context // Run's context
+	done   chan struct{}
+	rev    atomic.Uint64 // revision of this session's presence write
 
 	mu          sync.Mutex
-	inq         []*nats.Msg // live messages from the dispatcher, bounded
+	inq         []liveMsg // live messages from the dispatcher, bounded
 	inqBytes    int
-	overflow    bool // live messages were lost: re-read the stream
+	overflow    bool // live messages were lost: re-read the streams
 	acks        []string
 	closing     bool
 	closeCode   int
@@ -60,24 +59,53 @@ type Session struct {
 	finished    bool         // the last worker has finished: start no other
 
 	// Owned by the worker goroutine (one at a time; handed over under mu).
-	floor     uint64              // every seq <= floor is acked by the device
-	next      uint64              // highest seq handed to the sink (or skipped as acked)
-	acked     map[uint64]struct{} // acked seqs above floor
-	flight    []inflight          // delivered, unacked; ascending seq
-	behind    bool                // the stream may hold messages after next not yet sent
-	dirty     bool                // cursor changed since the last flush
-	forgotten bool                // the device's cursor was dropped (logout)
+	inbox     lane                   // the user's INBOX subject
+	groups    []*lane                // the user's GROUP_LOG subjects (ADR 4)
+	inFlight  int                    // delivered, unacked messages over all lanes
+	groupCur  map[string]*laneCursor // stored group cursors not yet turned into lanes
+	stale     bool                   // memberships must be (re)loaded: at start, after a group event
+	refreshAt time.Time              // after a failed membership load: when to try again
+	refreshBo time.Duration          // its backoff
+	dropped   []schema.GroupID       // group lanes ended since the last cursor write: forget their cursors
+	dirty     bool                   // cursor changed since the last flush
+	forgotten bool                   // the device's cursor was dropped (logout)
 	lastFlush time.Time
 	lastPurge time.Time
-	unpurged  int       // acks applied since the last purge
-	purgeDue  bool      // a flush skipped its purge (too soon after the last): purge at lastPurge+purgeEvery
-	retryAt   time.Time // after a read error: when to read again
-	backoff   time.Duration
+	unpurged  int         // inbox acks applied since the last purge
+	purgeDue  bool        // a flush skipped its purge (too soon after the last): purge at lastPurge+purgeEvery
 	timer     *time.Timer // signals the worker when the next redelivery, flush or retry is due
-	spareQ    []*nats.Msg
+	spareQ    []liveMsg
 	spareAcks []string
 	flushing  bool          // a background cursor write (or purge) runs
 	bgDone    chan struct{} // closed when it ends
+}
+
+// liveMsg is a live message queued for a session; dec is its decoded
+// payload when the dispatcher decoded it once for every member of a group.
+type liveMsg struct {
+	m   *nats.Msg
+	dec *schema.Message
+}
+
+// lane is one ordered source of a session's messages: the user's INBOX
+// subject, or the GROUP_LOG subject of one of the user's groups. Each has
+// its own position and window; the window bound (Config.MaxInFlight) is
+// over all lanes.
+type lane struct {
+	stream  string              // schema.StreamInbox or schema.StreamGroupLog
+	subject string              // its subject in the stream
+	live    string              // the core subject its live messages arrive on
+	group   schema.GroupID      // "" for the inbox
+	member  schema.Membership   // group lanes: the sequences the user may see
+	joined  bool                // group lanes: subscribed to live
+	floor   uint64              // every seq <= floor is acked by the device
+	next    uint64              // highest seq handed to the sink (or skipped)
+	acked   map[uint64]struct{} // acked seqs above floor
+	flight  []inflight          // delivered, unacked; ascending seq
+	behind  bool                // the stream may hold messages after next not yet sent
+	ended   bool                // group lanes: membership over and read to its end
+	retryAt time.Time           // after a read error: when to read again
+	backoff time.Duration
 }
 
 // flushResult is the outcome of a background cursor write.
@@ -99,13 +127,17 @@ type inflight struct {
 
 func newSession(s *Service, user schema.UserID, device schema.DeviceID, sink Sink) *Session {
 	return &Session{
-		s:       s,
-		id:      rand.Text(),
-		user:    user,
-		device:  device,
-		subject: schema.UserInbox(user),
-		sink:    sink,
-		done:    make(chan struct{}),
+		s:      s,
+		id:     rand.Text(),
+		user:   user,
+		device: device,
+		sink:   sink,
+		done:   make(chan struct{}),
+		inbox: lane{
+			stream:  schema.StreamInbox,
+			subject: schema.UserInbox(user),
+			live:    schema.Deliver(user),
+		},
 		// The first purge waits purgeEvery too, and up to half as long
 		// again at random, so sessions that connected together (a
 		// reconnect storm) do not purge together.
@@ -116,19 +148,27 @@ func newSession(s *Service, user schema.UserID, device schema.DeviceID, sink Sin
 // ID returns the session id (published in kicks, stored in presence).
 func (ss *Session) ID() string { return ss.id }
 
-// init loads the device cursor; catch-up starts after it.
+// init loads the device cursor; catch-up starts after it. The group lanes
+// are made by the worker's first step, which loads the memberships.
 func (ss *Session) init(c deviceCursor) {
-	ss.floor, ss.next = c.Floor, c.Floor
-	for _, q := range c.Acked {
-		if q > c.Floor {
-			if ss.acked == nil {
-				ss.acked = make(map[uint64]struct{}, len(c.Acked))
+	ss.inbox.load(c.Floor, c.Acked)
+	ss.groupCur = c.Groups
+	ss.stale = ss.s.cfg.Groups != nil
+	ss.lastFlush = time.Now()
+}
+
+// load sets the lane's position from a stored cursor.
+func (l *lane) load(floor uint64, acked []uint64) {
+	l.floor, l.next = floor, floor
+	for _, q := range acked {
+		if q > floor {
+			if l.acked == nil {
+				l.acked = make(map[uint64]struct{}, len(acked))
 			}
-			ss.acked[q] = struct{}{}
+			l.acked[q] = struct{}{}
 		}
 	}
-	ss.behind = true
-	ss.lastFlush = time.Now()
+	l.behind = true
 }
 
 // signal marks work pending and starts the worker unless it runs.
@@ -158,22 +198,23 @@ func (ss *Session) start() {
 	ss.mu.Unlock()
 }
 
-// push queues a live message (called by the dispatcher; never blocks).
-func (ss *Session) push(m *nats.Msg) {
+// push queues a live message (called by the dispatcher; never blocks). dec
+// is m decoded, or nil.
+func (ss *Session) push(m *nats.Msg, dec *schema.Message) {
 	ss.mu.Lock()
 	switch {
 	case ss.closing:
 	case len(ss.inq) >= ss.s.queueMsgs || ss.inqBytes+len(m.Data) > ss.s.queueBytes:
 		ss.overflow = true
 	default:
-		ss.inq = append(ss.inq, m)
+		ss.inq = append(ss.inq, liveMsg{m, dec})
 		ss.inqBytes += len(m.Data)
 	}
 	ss.mu.Unlock()
 	ss.signal()
 }
 
-// markGap makes the session re-read the stream after its position.
+// markGap makes the session re-read the streams after its positions.
 func (ss *Session) markGap() {
 	ss.mu.Lock()
 	ss.overflow = true
@@ -258,24 +299,37 @@ func (ss *Session) step() bool {
 		return false
 	}
 	if over {
-		ss.behind = true
+		ss.inbox.behind = true
+		for _, l := range ss.groups {
+			l.behind = !l.ended
+		}
 	}
-	for _, m := range q {
-		if !ss.live(m) {
+	for _, lm := range q {
+		if !ss.live(lm) {
 			return false
 		}
 	}
 	now := time.Now()
-	if len(ss.flight) > 0 && !now.Before(ss.flight[ss.oldest()].sent.Add(ss.s.cfg.AckTimeout)) {
-		if !ss.redeliver(now) {
-			return false
+	if ss.stale && !now.Before(ss.refreshAt) {
+		ss.refreshGroups()
+	}
+	if ss.inFlight > 0 {
+		if l, i := ss.oldest(); !now.Before(l.flight[i].sent.Add(ss.s.cfg.AckTimeout)) {
+			if !ss.redeliver(now) {
+				return false
+			}
 		}
 	}
-	if ss.behind && ss.refill() && !now.Before(ss.retryAt) {
-		if !ss.fill() {
-			return false
+	if ss.refill() {
+		for _, l := range ss.lanes() {
+			if l.behind && !now.Before(l.retryAt) && ss.inFlight < ss.s.cfg.MaxInFlight {
+				if !ss.fill(l) {
+					return false
+				}
+			}
 		}
 	}
+	ss.pruneGroups()
 	if ss.dirty && !ss.flushing && !now.Before(ss.lastFlush.Add(ss.s.cfg.CursorFlush)) {
 		ss.flushAsync()
 	}
@@ -283,6 +337,15 @@ func (ss *Session) step() bool {
 		ss.purgeAsync()
 	}
 	return true
+}
+
+// lanes returns the inbox lane and the group lanes. It allocates only for a
+// user with groups.
+func (ss *Session) lanes() []*lane {
+	if len(ss.groups) == 0 {
+		return []*lane{&ss.inbox}
+	}
+	return append([]*lane{&ss.inbox}, ss.groups...)
 }
 
 // trimLocked drops the buffers an idle session does not need (they keep
@@ -295,11 +358,13 @@ func (ss *Session) trimLocked() {
 		ss.acks = nil
 	}
 	ss.spareQ, ss.spareAcks = nil, nil
-	if len(ss.flight) == 0 {
-		ss.flight = nil
-	}
-	if len(ss.acked) == 0 {
-		ss.acked = nil
+	for _, l := range ss.lanes() {
+		if len(l.flight) == 0 {
+			l.flight = nil
+		}
+		if len(l.acked) == 0 {
+			l.acked = nil
+		}
 	}
 }
 
@@ -307,8 +372,8 @@ func (ss *Session) trimLocked() {
 // is empty or at least half free, so a client acking one message at a time
 // does not cause one read per message.
 func (ss *Session) refill() bool {
-	room := ss.s.cfg.MaxInFlight - len(ss.flight)
-	return len(ss.flight) == 0 || (room > 0 && 2*room >= ss.s.cfg.MaxInFlight)
+	room := ss.s.cfg.MaxInFlight - ss.inFlight
+	return ss.inFlight == 0 || (room > 0 && 2*room >= ss.s.cfg.MaxInFlight)
 }
 
 // arm sets the timer for the next redelivery, flush or read retry; with
@@ -320,14 +385,20 @@ func (ss *Session) arm() {
 			due = t
 		}
 	}
-	if len(ss.flight) > 0 {
-		earlier(ss.flight[ss.oldest()].sent.Add(ss.s.cfg.AckTimeout))
+	if ss.inFlight > 0 {
+		l, i := ss.oldest()
+		earlier(l.flight[i].sent.Add(ss.s.cfg.AckTimeout))
 	}
 	if ss.dirty {
 		earlier(ss.lastFlush.Add(ss.s.cfg.CursorFlush))
 	}
-	if ss.behind && !ss.retryAt.IsZero() {
-		earlier(ss.retryAt)
+	for _, l := range ss.lanes() {
+		if l.behind && !l.retryAt.IsZero() {
+			earlier(l.retryAt)
+		}
+	}
+	if ss.stale {
+		earlier(ss.refreshAt) // zero (now) after a group event
 	}
 	if ss.purgeDue && !ss.dirty {
 		earlier(ss.lastPurge.Add(ss.s.purgeEvery))
@@ -344,19 +415,37 @@ func (ss *Session) arm() {
 	}
 }
 
-// oldest returns the index of the in-flight message sent longest ago.
-func (ss *Session) oldest() int {
-	j := 0
-	for i := 1; i < len(ss.flight); i++ {
-		if ss.flight[i].sent.Before(ss.flight[j].sent) {
-			j = i
+// oldest returns the in-flight message sent longest ago: its lane and
+// index. There must be one.
+func (ss *Session) oldest() (*lane, int) {
+	var ol *lane
+	oi := 0
+	for _, l := range ss.lanes() {
+		for i := range l.flight {
+			if ol == nil || l.flight[i].sent.Before(ol.flight[oi].sent) {
+				ol, oi = l, i
+			}
 		}
 	}
-	return j
+	return ol, oi
 }
 
-// live handles one message from the live subject.
-func (ss *Session) live(m *nats.Msg) bool {
+// laneOf returns the lane whose live messages arrive on subject, or nil.
+func (ss *Session) laneOf(subject string) *lane {
+	if subject == ss.inbox.live {
+		return &ss.inbox
+	}
+	for _, l := range ss.groups {
+		if l.live == subject {
+			return l
+		}
+	}
+	return nil
+}
+
+// live handles one message from a live subject.
+func (ss *Session) live(lm liveMsg) bool {
+	m := lm.m
 	seqHdr := m.Header.Get(schema.HeaderSequence)
 	if seqHdr == "" {
 		// Ephemeral: deliver, never track.
@@ -372,6 +461,10 @@ func (ss *Session) live(m *nats.Msg) bool {
 		ss.s.metrics.delivered.Inc()
 		return true
 	}
+	l := ss.laneOf(m.Subject)
+	if l == nil {
+		return true // a group the session has just left
+	}
 	seq, err := strconv.ParseUint(seqHdr, 10, 64)
 	if err != nil {
 		ss.s.log.Warn("bad live sequence header", "user", ss.user, "err", err)
@@ -379,44 +472,74 @@ func (ss *Session) live(m *nats.Msg) bool {
 	}
 	last, _ := strconv.ParseUint(m.Header.Get(schema.HeaderLastSeq), 10, 64)
 	switch {
-	case seq <= ss.next: // already sent (or skipped)
+	case l.ended || seq <= l.next: // over, or already sent (or skipped)
 		return true
-	case ss.behind: // the stream read will reach it
+	case l.behind: // the stream read will reach it
 		return true
-	case last > ss.next: // a gap: read the missing range first
-		ss.behind = true
+	case last > l.next: // a gap: read the missing range first
+		l.behind = true
 		return true
-	case len(ss.flight) >= ss.s.cfg.MaxInFlight: // window full: read it later
-		ss.behind = true
+	case ss.inFlight >= ss.s.cfg.MaxInFlight: // window full: read it later
+		l.behind = true
 		return true
 	}
-	return ss.send(seq, m.Data)
+	return ss.send(l, seq, m.Header, m.Data, lm.dec)
 }
 
-// send hands the stored message seq to the sink and tracks it.
-func (ss *Session) send(seq uint64, data []byte) bool {
-	if _, ok := ss.acked[seq]; ok {
-		ss.next = seq
+// send hands the stored message seq of lane l to the sink and tracks it. A
+// group message the user may not see (sent outside its membership, or by
+// the user) is skipped. dec is data decoded, or nil.
+func (ss *Session) send(l *lane, seq uint64, hdr nats.Header, data []byte, dec *schema.Message) bool {
+	if l.group != "" && (!l.member.Visible(seq) || hdr.Get(schema.HeaderSender) == schema.Token(ss.user)) {
+		l.next = seq
+		ss.advance(l)
 		return true
 	}
-	msg, err := schema.UnmarshalProto(data)
-	if err != nil {
-		// Poison: it will never decode. Count it as acked so it does not
-		// hold the floor (and the inbox) forever.
-		ss.s.log.Error("undecodable inbox message skipped", "user", ss.user, "seq", seq, "err", err)
-		ss.next = seq
-		ss.markAcked(seq)
-		ss.advance()
+	if _, ok := l.acked[seq]; ok {
+		l.next = seq
 		return true
+	}
+	msg := dec
+	if msg == nil {
+		var err error
+		if msg, err = schema.UnmarshalProto(data); err != nil {
+			// Poison: it will never decode. Count it as acked so it does
+			// not hold the floor (and the inbox) forever.
+			ss.s.log.Error("undecodable message skipped", "user", ss.user, "subject", l.subject, "seq", seq, "err", err)
+			l.next = seq
+			ss.markAcked(l, seq)
+			ss.advance(l)
+			return true
+		}
+	}
+	if l.group == "" && isMembershipEvent(msg) {
+		// The user's groups changed: reload them (the event is stored
+		// after the change, so the load sees it).
+		ss.stale, ss.refreshAt = true, time.Time{}
 	}
 	if !ss.sink.Deliver(msg) {
 		ss.slowConsumer()
 		return false
 	}
 	ss.s.metrics.delivered.Inc()
-	ss.next = seq
-	ss.flight = append(ss.flight, inflight{seq: seq, id: msg.ID, sent: time.Now()})
+	l.next = seq
+	l.flight = append(l.flight, inflight{seq: seq, id: msg.ID, sent: time.Now()})
+	ss.inFlight++
 	return true
+}
+
+// isMembershipEvent reports whether m is a group event that may change the
+// recipient's memberships (see package groups: NOTIFICATION messages with
+// Meta action add, remove or delete).
+func isMembershipEvent(m *schema.Message) bool {
+	if m.Type != schema.TypeNotification || !schema.GroupID(m.Destination).Valid() {
+		return false
+	}
+	switch m.Meta[schema.MetaAction] {
+	case "add", "remove", "delete":
+		return true
+	}
+	return false
 }
 
 func (ss *Session) slowConsumer() {
@@ -424,20 +547,24 @@ func (ss *Session) slowConsumer() {
 	ss.terminate(CloseSlowConsumer, "slow consumer")
 }
 
-// fill reads the stream after next into the window until the window is full
-// or the stream has no more.
-func (ss *Session) fill() bool {
-	dead, full := false, false
-	room := ss.s.cfg.MaxInFlight - len(ss.flight)
-	end, err := ss.s.scan(ss.ctx, ss.subject, ss.next+1, min(room, 256), func(m *jetstream.RawStreamMsg) bool {
-		if m.Sequence <= ss.next {
+// fill reads lane l's stream after next into the window until the window
+// is full or the stream has no more.
+func (ss *Session) fill(l *lane) bool {
+	dead, full, over := false, false, false
+	room := ss.s.cfg.MaxInFlight - ss.inFlight
+	end, err := ss.s.scan(ss.ctx, l.stream, l.subject, l.next+1, min(room, 256), func(m *jetstream.RawStreamMsg) bool {
+		if m.Sequence <= l.next {
 			return true
 		}
-		if len(ss.flight) >= ss.s.cfg.MaxInFlight {
+		if l.group != "" && !l.member.Current() && m.Sequence >= l.member.End() {
+			over = true // nothing after the membership's end is for the user
+			return false
+		}
+		if ss.inFlight >= ss.s.cfg.MaxInFlight {
 			full = true
 			return false
 		}
-		if !ss.send(m.Sequence, m.Data) {
+		if !ss.send(l, m.Sequence, m.Header, m.Data, nil) {
 			dead = true
 			return false
 		}
@@ -448,29 +575,41 @@ func (ss *Session) fill() bool {
 	}
 	if err != nil {
 		if ss.ctx.Err() == nil {
-			ss.backoff = min(max(2*ss.backoff, 100*time.Millisecond), 5*time.Second)
-			ss.retryAt = time.Now().Add(ss.backoff)
-			ss.s.log.Warn("inbox read", "user", ss.user, "device", ss.device, "err", err)
+			l.backoff = min(max(2*l.backoff, 100*time.Millisecond), 5*time.Second)
+			l.retryAt = time.Now().Add(l.backoff)
+			ss.s.log.Warn("stream read", "user", ss.user, "device", ss.device, "subject", l.subject, "err", err)
 		}
 		return true
 	}
-	ss.backoff, ss.retryAt = 0, time.Time{}
-	if end && !full {
-		ss.behind = false
+	l.backoff, l.retryAt = 0, time.Time{}
+	if (end || over) && !full {
+		l.behind = false
+		if l.group != "" && !l.member.Current() {
+			l.ended = true
+		}
 	}
-	ss.advance() // skipped (already acked) messages may move the floor
+	ss.advance(l) // skipped (already acked) messages may move the floor
 	return true
 }
 
 // redeliver sends again every in-flight message sent at least AckTimeout
-// ago, in order, reading it from the stream.
+// ago, in order per lane, reading it from the stream.
 func (ss *Session) redeliver(now time.Time) bool {
+	for _, l := range ss.lanes() {
+		if !ss.redeliverLane(l, now) {
+			return false
+		}
+	}
+	return true
+}
+
+func (ss *Session) redeliverLane(l *lane, now time.Time) bool {
 	cut := now.Add(-ss.s.cfg.AckTimeout)
 	var due []uint64
-	for i := range ss.flight {
-		if !ss.flight[i].sent.After(cut) {
-			due = append(due, ss.flight[i].seq)
-			ss.flight[i].sent = now // at most once per AckTimeout, even if the read fails
+	for i := range l.flight {
+		if !l.flight[i].sent.After(cut) {
+			due = append(due, l.flight[i].seq)
+			l.flight[i].sent = now // at most once per AckTimeout, even if the read fails
 		}
 	}
 	if len(due) == 0 {
@@ -479,7 +618,7 @@ func (ss *Session) redeliver(now time.Time) bool {
 	last := due[len(due)-1]
 	seen := make(map[uint64]bool, len(due))
 	dead := false
-	_, err := ss.s.scan(ss.ctx, ss.subject, due[0], min(len(ss.flight)+len(ss.acked), 256), func(m *jetstream.RawStreamMsg) bool {
+	_, err := ss.s.scan(ss.ctx, l.stream, l.subject, due[0], min(len(l.flight)+len(l.acked), 256), func(m *jetstream.RawStreamMsg) bool {
 		if m.Sequence > last {
 			return false
 		}
@@ -504,95 +643,243 @@ func (ss *Session) redeliver(now time.Time) bool {
 	}
 	if err != nil {
 		if ss.ctx.Err() == nil {
-			ss.s.log.Warn("inbox read for redelivery", "user", ss.user, "device", ss.device, "err", err)
+			ss.s.log.Warn("stream read for redelivery", "user", ss.user, "device", ss.device, "subject", l.subject, "err", err)
 		}
 		return true
 	}
-	// Due messages no longer in the stream expired (MaxAge): nothing left to
-	// deliver, so they count as acked.
+	// Due messages no longer in the stream expired (MaxAge, or a group's
+	// per-subject cap): nothing left to deliver, so they count as acked.
 	gone := false
 	for _, q := range due {
 		if !seen[q] {
-			ss.markAcked(q)
+			ss.markAcked(l, q)
 			gone = true
 		}
 	}
 	if gone {
-		ss.advance()
+		ss.advance(l)
 	}
 	return true
 }
 
-// applyAcks acks every in-flight message whose id is in ids.
+// applyAcks acks every in-flight message whose id is in ids, in any lane.
 func (ss *Session) applyAcks(ids []string) {
 	n := 0
-	for _, id := range ids {
-		for i := 0; i < len(ss.flight); {
-			if ss.flight[i].id == id {
-				ss.markAcked(ss.flight[i].seq)
-				n++
-				continue // markAcked removed flight[i]
+	for _, l := range ss.lanes() {
+		k := 0
+		for _, id := range ids {
+			for i := 0; i < len(l.flight); {
+				if l.flight[i].id == id {
+					ss.markAcked(l, l.flight[i].seq)
+					k++
+					continue // markAcked removed flight[i]
+				}
+				i++
 			}
-			i++
+		}
+		if k > 0 {
+			if l == &ss.inbox {
+				ss.unpurged += k // acked mail still counts against the inbox cap
+			}
+			n += k
+			ss.advance(l)
 		}
 	}
 	if n > 0 {
-		ss.unpurged += n
 		ss.s.metrics.acks.Add(float64(n))
-		ss.advance()
 	}
 }
 
-// markAcked records seq as acked and drops it from the window.
-func (ss *Session) markAcked(seq uint64) {
-	if i, ok := slices.BinarySearchFunc(ss.flight, seq, func(f inflight, q uint64) int {
+// markAcked records seq of lane l as acked and drops it from the window.
+func (ss *Session) markAcked(l *lane, seq uint64) {
+	if i, ok := slices.BinarySearchFunc(l.flight, seq, func(f inflight, q uint64) int {
 		return cmp.Compare(f.seq, q)
 	}); ok {
-		ss.flight = slices.Delete(ss.flight, i, i+1)
+		l.flight = slices.Delete(l.flight, i, i+1)
+		ss.inFlight--
 	}
-	if seq > ss.floor {
-		if ss.acked == nil {
-			ss.acked = make(map[uint64]struct{})
+	if seq > l.floor {
+		if l.acked == nil {
+			l.acked = make(map[uint64]struct{})
 		}
-		ss.acked[seq] = struct{}{}
+		l.acked[seq] = struct{}{}
 	}
 	ss.dirty = true
 }
 
-// advance moves the floor over everything acked: up to just below the
+// advance moves lane l's floor over everything acked: up to just below the
 // oldest in-flight message, or to next when nothing is in flight.
-func (ss *Session) advance() {
-	f := ss.next
-	if len(ss.flight) > 0 {
-		f = ss.flight[0].seq - 1
+func (ss *Session) advance(l *lane) {
+	f := l.next
+	if len(l.flight) > 0 {
+		f = l.flight[0].seq - 1
 	}
-	if f <= ss.floor {
+	if f <= l.floor {
 		return
 	}
-	ss.setFloor(f)
+	l.setFloor(f)
 	ss.dirty = true
 }
 
-func (ss *Session) setFloor(f uint64) {
-	ss.floor = f
-	for q := range ss.acked {
+func (l *lane) setFloor(f uint64) {
+	l.floor = f
+	for q := range l.acked {
 		if q <= f {
-			delete(ss.acked, q)
+			delete(l.acked, q)
 		}
 	}
 }
 
-// cursor returns the session's position as a deviceCursor.
-func (ss *Session) cursor() *deviceCursor {
-	c := &deviceCursor{Floor: ss.floor, Seen: time.Now().UnixMilli()}
-	if len(ss.acked) > 0 {
-		c.Acked = make([]uint64, 0, len(ss.acked))
-		for q := range ss.acked {
+// position returns the lane's position as a laneCursor.
+func (l *lane) position() laneCursor {
+	c := laneCursor{Floor: l.floor}
+	if len(l.acked) > 0 {
+		c.Acked = make([]uint64, 0, len(l.acked))
+		for q := range l.acked {
 			c.Acked = append(c.Acked, q)
 		}
 		slices.Sort(c.Acked)
 	}
 	return c
+}
+
+// cursor returns the session's position as a deviceCursor.
+func (ss *Session) cursor() *deviceCursor {
+	c := &deviceCursor{laneCursor: ss.inbox.position(), Seen: time.Now().UnixMilli()}
+	for _, l := range ss.groups {
+		if c.Groups == nil {
+			c.Groups = make(map[string]*laneCursor, len(ss.groups))
+		}
+		p := l.position()
+		c.Groups[string(l.group)] = &p
+	}
+	return c
+}
+
+// refreshGroups loads the user's memberships and makes the group lanes
+// match them: a lane per group the user is in, or was in with messages
+// still to read (subscribed live only while a member). Groups that are gone
+// (deleted, or left longer ago than the retention) lose their cursors. A
+// failed load is retried with backoff.
+func (ss *Session) refreshGroups() {
+	ctx, cancel := context.WithTimeout(ss.ctx, ss.s.opTimeout)
+	ms, err := ss.s.cfg.Groups.Memberships(ctx, ss.user)
+	cancel()
+	if err != nil {
+		if ss.ctx.Err() == nil {
+			ss.refreshBo = min(max(2*ss.refreshBo, 500*time.Millisecond), 30*time.Second)
+			ss.refreshAt = time.Now().Add(ss.refreshBo)
+			ss.s.log.Warn("load memberships", "user", ss.user, "err", err)
+		}
+		return
+	}
+	ss.stale, ss.refreshAt, ss.refreshBo = false, time.Time{}, 0
+	want := make(map[schema.GroupID]schema.Membership, len(ms))
+	for _, m := range ms {
+		if m.Group.Valid() && len(m.Epochs) > 0 {
+			want[m.Group] = m
+		}
+	}
+	kept := ss.groups[:0]
+	for _, l := range ss.groups {
+		m, ok := want[l.group]
+		delete(want, l.group)
+		if !ok {
+			ss.dropLane(l)
+			ss.forget(l.group)
+			continue
+		}
+		if !slices.Equal(l.member.Epochs, m.Epochs) {
+			l.member, l.ended, l.behind = m, false, true
+		}
+		ss.subscribe(l)
+		kept = append(kept, l)
+	}
+	clear(ss.groups[len(kept):])
+	ss.groups = kept
+	for g := range ss.groupCur {
+		if _, ok := want[schema.GroupID(g)]; !ok {
+			ss.forget(schema.GroupID(g))
+		}
+	}
+	for g, m := range want {
+		floor := m.Start()
+		var acked []uint64
+		if c := ss.groupCur[string(g)]; c != nil {
+			floor, acked = max(floor, c.Floor), c.Acked
+		}
+		if !m.Current() && floor+1 >= m.End() {
+			continue // read to its end already: keep the cursor, no lane
+		}
+		delete(ss.groupCur, string(g))
+		l := &lane{
+			stream:  schema.StreamGroupLog,
+			subject: schema.GroupLog(g),
+			live:    schema.DeliverGroup(g),
+			group:   g,
+			member:  m,
+		}
+		l.load(floor, acked)
+		ss.subscribe(l)
+		ss.groups = append(ss.groups, l)
+	}
+}
+
+// forget drops the stored cursor of group g with the next cursor write.
+func (ss *Session) forget(g schema.GroupID) {
+	delete(ss.groupCur, string(g))
+	ss.dropped = append(ss.dropped, g)
+	ss.dirty = true
+}
+
+// subscribe makes lane l's live subscription match its membership: on
+// while the user is a member, off after.
+func (ss *Session) subscribe(l *lane) {
+	switch cur := l.member.Current(); {
+	case cur && !l.joined:
+		if err := ss.s.joinGroup(ss, l.group); err != nil {
+			ss.s.log.Warn("subscribe group", "user", ss.user, "group", l.group, "err", err)
+			l.behind = true // read it from the stream; retried on the next membership load
+			return
+		}
+		l.joined = true
+	case !cur && l.joined:
+		ss.s.leaveGroup(ss, l.group)
+		l.joined = false
+	}
+}
+
+// dropLane stops tracking group lane l: no live subscription, no
+// in-flight messages.
+func (ss *Session) dropLane(l *lane) {
+	if l.joined {
+		ss.s.leaveGroup(ss, l.group)
+		l.joined = false
+	}
+	ss.inFlight -= len(l.flight)
+	l.flight = nil
+}
+
+// pruneGroups drops the lanes of groups the user left once everything sent
+// while a member was read and acked. Their cursors stay (a later load of the
+// memberships still lists the group until its end is past the retention)
+// so that nothing is delivered twice.
+func (ss *Session) pruneGroups() {
+	kept := ss.groups[:0]
+	for _, l := range ss.groups {
+		if l.ended && len(l.flight) == 0 {
+			ss.dropLane(l)
+			if ss.groupCur == nil {
+				ss.groupCur = make(map[string]*laneCursor)
+			}
+			p := l.position()
+			ss.groupCur[string(l.group)] = &p
+			continue
+		}
+		kept = append(kept, l)
+	}
+	clear(ss.groups[len(kept):])
+	ss.groups = kept
 }
 
 // Cursor writes: the worker writes the device cursor at most every
@@ -604,7 +891,8 @@ func (ss *Session) cursor() *deviceCursor {
 // busy session cost more than the deliveries themselves: 25% of the CPU in
 // a 1,000-member group benchmark). A purge skipped for that reason runs
 // when purgeEvery has passed (purgeAsync), so the last acks of a burst are
-// purged too.
+// purged too. Purges concern the inbox only: GROUP_LOG is shared by every
+// member and bounded by its limits.
 //
 // While the session runs, the write (a KV read and a compare-and-swap
 // write) goes on in a goroutine of its own, one at a time, so delivery
@@ -620,8 +908,8 @@ func (ss *Session) flushAsync() {
 		ss.dirty = false
 		return
 	}
-	mine := ss.cursor()
-	ss.dirty = false
+	mine, dropped := ss.cursor(), ss.dropped
+	ss.dirty, ss.dropped = false, nil
 	// Acked mail still counts against the inbox cap until it is purged:
 	// a device that reads a lot purges sooner than purgeEvery.
 	urgent := ss.unpurged >= ss.s.purgeAcks
@@ -629,7 +917,9 @@ func (ss *Session) flushAsync() {
 	if purge {
 		ss.lastPurge, ss.purgeDue, ss.unpurged = time.Now(), false, 0
 	}
-	ss.background(func(ctx context.Context) flushResult { return ss.writeCursor(ctx, mine, purge, urgent) })
+	ss.background(func(ctx context.Context) flushResult {
+		return ss.writeCursor(ctx, mine, dropped, purge, urgent)
+	})
 }
 
 // purgeAsync starts the purge a flush skipped, on the current cursors.
@@ -709,9 +999,13 @@ func (ss *Session) waitBackground() {
 	}
 }
 
-// writeCursor merges mine into the stored cursor of the device and, if
-// purge, purges what every device has acked. It touches no worker state.
-func (ss *Session) writeCursor(ctx context.Context, mine *deviceCursor, purge, urgent bool) flushResult {
+// writeCursor merges mine into the stored cursor of the device, drops the
+// cursors of the groups in dropped and, if purge, purges what every device
+// has acked. It touches no worker state. A failed write is retried with a
+// later cursor, so dropped groups are remembered by the caller only until
+// this write: one that fails keeps their cursors until the session's next
+// membership change, which is harmless (a stale group cursor is ignored).
+func (ss *Session) writeCursor(ctx context.Context, mine *deviceCursor, dropped []schema.GroupID, purge, urgent bool) flushResult {
 	res := flushResult{wrote: true, urgent: urgent}
 	a, err := ss.s.getAssets()
 	if err != nil {
@@ -725,7 +1019,10 @@ func (ss *Session) writeCursor(ctx context.Context, mine *deviceCursor, purge, u
 			return false // forgotten: do not bring it back
 		}
 		c.merge(mine)
-		res.merged = &deviceCursor{Floor: c.Floor, Acked: slices.Clone(c.Acked)}
+		for _, g := range dropped {
+			delete(c.Groups, string(g))
+		}
+		res.merged = c.clone()
 		return true
 	})
 	if err != nil {
@@ -753,7 +1050,9 @@ func (ss *Session) flush(ctx context.Context) {
 	ss.lastPurge, ss.purgeDue = time.Now(), false
 	ctx, cancel := context.WithTimeout(ctx, ss.s.opTimeout)
 	defer cancel()
-	res := ss.writeCursor(ctx, ss.cursor(), true, ss.unpurged >= ss.s.purgeAcks)
+	dropped := ss.dropped
+	ss.dropped = nil
+	res := ss.writeCursor(ctx, ss.cursor(), dropped, true, ss.unpurged >= ss.s.purgeAcks)
 	ss.dirty = res.err != nil
 	switch {
 	case res.err != nil:
@@ -786,29 +1085,39 @@ func (ss *Session) purgeNow(ctx context.Context) {
 
 // adopt applies acks recorded by others to the session.
 func (ss *Session) adopt(c *deviceCursor) {
-	for i := 0; i < len(ss.flight); {
-		q := ss.flight[i].seq
+	ss.adoptLane(&ss.inbox, &c.laneCursor)
+	for _, l := range ss.groups {
+		if gc := c.Groups[string(l.group)]; gc != nil {
+			ss.adoptLane(l, gc)
+		}
+	}
+}
+
+func (ss *Session) adoptLane(l *lane, c *laneCursor) {
+	for i := 0; i < len(l.flight); {
+		q := l.flight[i].seq
 		if _, ok := slices.BinarySearch(c.Acked, q); ok || q <= c.Floor {
-			ss.flight = slices.Delete(ss.flight, i, i+1)
+			l.flight = slices.Delete(l.flight, i, i+1)
+			ss.inFlight--
 			continue
 		}
 		i++
 	}
 	for _, q := range c.Acked {
-		if q > ss.floor {
-			if ss.acked == nil {
-				ss.acked = make(map[uint64]struct{})
+		if q > l.floor {
+			if l.acked == nil {
+				l.acked = make(map[uint64]struct{})
 			}
-			ss.acked[q] = struct{}{}
+			l.acked[q] = struct{}{}
 		}
 	}
-	if c.Floor > ss.next {
-		ss.next = c.Floor
+	if c.Floor > l.next {
+		l.next = c.Floor
 	}
-	if c.Floor > ss.floor {
-		ss.setFloor(c.Floor)
+	if c.Floor > l.floor {
+		l.setFloor(c.Floor)
 	}
-	ss.advance()
+	ss.advance(l)
 }
 
 // finish runs in the last worker when the session ends: close the sink if asked,
@@ -841,6 +1150,12 @@ func (ss *Session) finish() {
 	if a, err := ss.s.getAssets(); err == nil {
 		if err := ss.s.presenceRemove(ctx, a, ss); err != nil {
 			ss.s.log.Warn("presence", "user", ss.user, "device", ss.device, "err", err)
+		}
+	}
+	for _, l := range ss.groups {
+		if l.joined {
+			ss.s.leaveGroup(ss, l.group)
+			l.joined = false
 		}
 	}
 	ss.s.metrics.sessions.Dec()

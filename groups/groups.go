@@ -28,6 +28,9 @@ const (
 	MaxNameLen = 100
 	// MaxProfilePicLen is the longest profilePic value, in bytes.
 	MaxProfilePicLen = 2048
+	// DefaultRetention is the default Config.Retention: the retention of
+	// the INBOX and GROUP_LOG streams.
+	DefaultRetention = 30 * 24 * time.Hour
 )
 
 // Roles of a member.
@@ -42,8 +45,9 @@ const (
 	maxAtomicBatch = 1000
 	// markerTTL is how long a purge marker of a removed key stays in the
 	// bucket. Markers only matter to a concurrent writer; once they expire
-	// the key's subject is gone, so old memberships do not count against the
-	// 1,024 subjects one multi_last Direct Get may match.
+	// the key's subject is gone, so purged keys do not count against the
+	// 1,024 subjects one multi_last Direct Get may match (a removed member's
+	// index key does, until it expires after Config.Retention).
 	markerTTL = 2 * time.Second
 	// maxCASAttempts bounds the retries of one membership change that keeps
 	// losing the compare-and-set on the group's meta key.
@@ -55,6 +59,9 @@ const (
 	lockStripes = 64
 	// eventAttempts is how often an INBOX batch of group events is tried.
 	eventAttempts = 3
+	// maxEpochs is the most membership epochs one index value keeps; the
+	// oldest go first.
+	maxEpochs = 16
 )
 
 // ErrNotFound is returned (wrapped) when a group does not exist. Callers that
@@ -72,8 +79,9 @@ var (
 
 // Config configures a Service.
 type Config struct {
-	// JS is the JetStream context for the groups bucket and the INBOX
-	// stream. Required.
+	// JS is the JetStream context for the groups bucket, the INBOX stream
+	// (group events) and GROUP_LOG (read only: the last sequence of a
+	// group's log when its membership changes). Required.
 	JS jetstream.JetStream
 	// NC is the connection the micro service "groups" is served on.
 	// Default: JS.Conn().
@@ -87,6 +95,11 @@ type Config struct {
 	MaxMembers int
 	// Replicas is the replica count of the groups bucket. Default 1.
 	Replicas int
+	// Retention is how long a removed member's closed membership is kept
+	// (Memberships reports it, and its index key expires after it): the
+	// retention of the INBOX and GROUP_LOG streams. Default 30 days; at
+	// least one second.
+	Retention time.Duration
 }
 
 // Service is the groups service: the REST API, the membership store and the
@@ -98,10 +111,11 @@ type Service struct {
 	auth       api.Authenticator
 	maxMembers int
 	replicas   int
+	retention  time.Duration
 	now        func() time.Time
 	stripes    [lockStripes]chan struct{} // per-group change locks, see mutate
 	members    memberCache                // Members results by meta revision
-	up         chan struct{}              // closed once Run serves groups.members
+	up         chan struct{}              // closed once Run serves its endpoints
 }
 
 // New returns a Service for cfg, with defaults filled in. Setup must be
@@ -125,11 +139,16 @@ func New(cfg Config) (*Service, error) {
 	if cfg.Replicas == 0 {
 		cfg.Replicas = DefaultReplicas
 	}
+	if cfg.Retention == 0 {
+		cfg.Retention = DefaultRetention
+	}
 	switch {
 	case cfg.MaxMembers < 1:
 		return nil, fmt.Errorf("groups: config: max members %d is not positive", cfg.MaxMembers)
 	case cfg.Replicas < 1:
 		return nil, fmt.Errorf("groups: config: replicas %d is not positive", cfg.Replicas)
+	case cfg.Retention < time.Second:
+		return nil, fmt.Errorf("groups: config: retention %v is shorter than a second", cfg.Retention)
 	}
 	s := &Service{
 		up:         make(chan struct{}),
@@ -139,6 +158,7 @@ func New(cfg Config) (*Service, error) {
 		auth:       cfg.Auth,
 		maxMembers: cfg.MaxMembers,
 		replicas:   cfg.Replicas,
+		retention:  cfg.Retention,
 		now:        time.Now,
 	}
 	for i := range s.stripes {

@@ -43,8 +43,27 @@ type env struct {
 	seen map[schema.UserID]uint64 // last INBOX sequence read per user
 }
 
-// newEnv starts JetStream, an INBOX stream like the delivery package's, the
-// service (Setup done) and an HTTP server with chi and api.StripVersion.
+// groupLogConfig is GROUP_LOG as the delivery package creates it.
+func groupLogConfig() jetstream.StreamConfig {
+	return jetstream.StreamConfig{
+		Name:               schema.StreamGroupLog,
+		Subjects:           []string{schema.SubjectGroupLogAll},
+		Retention:          jetstream.LimitsPolicy,
+		Storage:            jetstream.FileStorage,
+		AllowDirect:        true,
+		AllowAtomicPublish: true,
+		Duplicates:         2 * time.Minute,
+		MaxMsgsPerSubject:  100000,
+		Discard:            jetstream.DiscardOld,
+		RePublish: &jetstream.RePublish{
+			Source:      schema.SubjectGroupLogAll,
+			Destination: schema.SubjectDeliverGroupRepub,
+		},
+	}
+}
+
+// newEnv starts JetStream, INBOX and GROUP_LOG streams like the delivery
+// package's, the service (Setup done) and an HTTP server with chi and api.StripVersion.
 func newEnv(t testing.TB, cfg Config) *env {
 	t.Helper()
 	ns := natstest.Start(t)
@@ -59,6 +78,9 @@ func newEnv(t testing.TB, cfg Config) *env {
 		Duplicates:         2 * time.Minute,
 	}); err != nil {
 		t.Fatalf("create INBOX: %v", err)
+	}
+	if _, err := js.CreateStream(ctx, groupLogConfig()); err != nil {
+		t.Fatalf("create %s: %v", schema.StreamGroupLog, err)
 	}
 	cfg.JS = js
 	if cfg.Auth == nil {

@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/vartalap/vartalap/internal/api"
 	"github.com/vartalap/vartalap/schema"
@@ -23,6 +24,8 @@ func TestNewValidatesConfig(t *testing.T) {
 		{"no Auth", Config{JS: ns.js}},
 		{"negative max members", Config{JS: ns.js, Auth: keyAuth{}, MaxMembers: -1}},
 		{"negative replicas", Config{JS: ns.js, Auth: keyAuth{}, Replicas: -1}},
+		{"negative retention", Config{JS: ns.js, Auth: keyAuth{}, Retention: -time.Hour}},
+		{"retention under a second", Config{JS: ns.js, Auth: keyAuth{}, Retention: time.Millisecond}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -35,7 +38,7 @@ func TestNewValidatesConfig(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if s.maxMembers != DefaultMaxMembers || s.replicas != DefaultReplicas || s.nc != ns.nc || s.log == nil {
+	if s.maxMembers != DefaultMaxMembers || s.replicas != DefaultReplicas || s.retention != DefaultRetention || s.nc != ns.nc || s.log == nil {
 		t.Fatalf("defaults not filled: %+v", s)
 	}
 }

@@ -18,6 +18,7 @@ const (
 	serviceName         = "groups"
 	serviceVersion      = "1.0.0"
 	subjectMembers      = "groups.members"
+	subjectMemberships  = "groups.memberships"
 	microCodeBadRequest = "400"
 	microCodeNotFound   = "404"
 	microCodeInternal   = "500"
@@ -31,13 +32,19 @@ type (
 	membersResponse struct {
 		Members []schema.UserID `json:"members"`
 	}
+	membershipsRequest struct {
+		User schema.UserID `json:"user"`
+	}
+	membershipsResponse struct {
+		Memberships []schema.Membership `json:"memberships"`
+	}
 )
 
-// Started is closed once Run serves groups.members.
+// Started is closed once Run serves groups.members and groups.memberships.
 func (s *Service) Started() <-chan struct{} { return s.up }
 
-// Run serves the micro service "groups" (endpoint groups.members) on
-// Config.NC until ctx ends, then stops it.
+// Run serves the micro service "groups" (endpoints groups.members and
+// groups.memberships) on Config.NC until ctx ends, then stops it.
 func (s *Service) Run(ctx context.Context) error {
 	svc, err := micro.AddService(s.nc, micro.Config{
 		Name:        serviceName,
@@ -51,7 +58,11 @@ func (s *Service) Run(ctx context.Context) error {
 		_ = svc.Stop()
 		return fmt.Errorf("groups: add endpoint %s: %w", subjectMembers, err)
 	}
-	s.log.Info("groups service started", "subject", subjectMembers)
+	if err := svc.AddEndpoint("memberships", micro.ContextHandler(ctx, s.serveMemberships), micro.WithEndpointSubject(subjectMemberships)); err != nil {
+		_ = svc.Stop()
+		return fmt.Errorf("groups: add endpoint %s: %w", subjectMemberships, err)
+	}
+	s.log.Info("groups service started", "subjects", []string{subjectMembers, subjectMemberships})
 	close(s.up)
 	<-ctx.Done()
 	if err := svc.Stop(); err != nil {
@@ -82,6 +93,25 @@ func (s *Service) serveMembers(ctx context.Context, req micro.Request) {
 	}
 }
 
+func (s *Service) serveMemberships(ctx context.Context, req micro.Request) {
+	var in membershipsRequest
+	if err := json.Unmarshal(req.Data(), &in); err != nil || !in.User.Valid() {
+		s.respondErr(req, microCodeBadRequest, "malformed request or invalid user")
+		return
+	}
+	ctx, cancel := withTimeout(ctx)
+	defer cancel()
+	ms, err := s.Memberships(ctx, in.User)
+	if err != nil {
+		s.log.Error("micro memberships error", "user", in.User, "err", err)
+		s.respondErr(req, microCodeInternal, "internal error")
+		return
+	}
+	if err := req.RespondJSON(membershipsResponse{Memberships: ms}); err != nil {
+		s.log.Warn("micro respond error", "subject", req.Subject(), "err", err)
+	}
+}
+
 func (s *Service) respondErr(req micro.Request, code, desc string) {
 	if err := req.Error(code, desc, nil); err != nil {
 		s.log.Warn("micro respond error", "subject", req.Subject(), "err", err)
@@ -89,8 +119,8 @@ func (s *Service) respondErr(req micro.Request, code, desc string) {
 }
 
 // Client reaches the groups micro service over NATS (split mode). Its
-// Members method has the router's MemberLister signature. It is safe for
-// concurrent use.
+// Members method has the router's MemberLister signature; Memberships has
+// Service.Memberships's. It is safe for concurrent use.
 type Client struct {
 	nc      *nats.Conn
 	timeout time.Duration
@@ -132,4 +162,36 @@ func (c *Client) Members(ctx context.Context, g schema.GroupID) ([]schema.UserID
 		return nil, fmt.Errorf("groups client: decode reply: %w", err)
 	}
 	return resp.Members, nil
+}
+
+// Memberships returns u's memberships like Service.Memberships. An invalid
+// u is an error wrapping schema.ErrInvalidID.
+func (c *Client) Memberships(ctx context.Context, u schema.UserID) ([]schema.Membership, error) {
+	if !u.Valid() {
+		return nil, fmt.Errorf("groups client: memberships of %q: %w", u, schema.ErrInvalidID)
+	}
+	data, err := json.Marshal(membershipsRequest{User: u})
+	if err != nil {
+		return nil, fmt.Errorf("groups client: encode request: %w", err)
+	}
+	ctx, cancel := context.WithTimeout(ctx, c.timeout)
+	defer cancel()
+	msg, err := c.nc.RequestWithContext(ctx, subjectMemberships, data)
+	if err != nil {
+		return nil, fmt.Errorf("groups client: request %s: %w", subjectMemberships, err)
+	}
+	if code := msg.Header.Get(micro.ErrorCodeHeader); code != "" {
+		if code == microCodeBadRequest {
+			return nil, fmt.Errorf("groups client: memberships of %s: %s: %w", u, msg.Header.Get(micro.ErrorHeader), schema.ErrInvalidID)
+		}
+		return nil, fmt.Errorf("groups client: %s: service error %s: %s", subjectMemberships, code, msg.Header.Get(micro.ErrorHeader))
+	}
+	var resp membershipsResponse
+	if err := json.Unmarshal(msg.Data, &resp); err != nil {
+		return nil, fmt.Errorf("groups client: decode reply: %w", err)
+	}
+	if resp.Memberships == nil {
+		resp.Memberships = []schema.Membership{}
+	}
+	return resp.Memberships, nil
 }

@@ -62,10 +62,18 @@ type memberValue struct {
 	Join     uint64        `json:"join"`    // per-group join sequence: lower joined earlier
 }
 
-// indexValue is the value of u.<user>.g.<gid>.
+// indexValue is the value of u.<user>.g.<gid>: the user's membership
+// epochs in the group. It stays after a removal (last epoch closed) until
+// it expires, Config.Retention later.
 type indexValue struct {
 	GroupID schema.GroupID `json:"groupId"`
-	AddedOn int64          `json:"addedOn"`
+	AddedOn int64          `json:"addedOn"` // ms since epoch, of the latest add
+	// Epochs are the membership periods in GROUP_LOG sequences, oldest
+	// first, at most maxEpochs; see epochs for values without any.
+	Epochs []schema.Epoch `json:"epochs,omitempty"`
+	// RemovedOn is when the last epoch was closed (ms since epoch), 0
+	// while the user is a member.
+	RemovedOn int64 `json:"removedOn,omitempty"`
 }
 
 // group is a consistent snapshot of one group.
@@ -270,28 +278,26 @@ func parseGroup(gid schema.GroupID, msgs []*jetstream.RawStreamMsg) (*group, err
 	return g, nil
 }
 
-// userGroups returns the groups u is a member of, oldest first. The reverse
-// index is a hint written before and removed after the membership itself,
-// so every group is checked against its members.
+// userGroups returns the groups u is a member of, oldest first. Index
+// entries whose last epoch is closed (u was removed) are skipped without
+// reading the group; the others are still checked against the group's
+// members (a group deleted while too large for one atomic batch may leave
+// index keys behind for a moment).
 func (s *Service) userGroups(ctx context.Context, u schema.UserID) ([]*group, error) {
-	msgs, err := s.lastMsgs(ctx, indexFilter(u))
-	if errors.Is(err, errTooManySubjects) {
-		msgs, err = s.scanMsgs(ctx, indexFilter(u))
-	}
+	msgs, err := s.indexMsgs(ctx, u)
 	if err != nil {
 		return nil, fmt.Errorf("groups of %s: %w", u, err)
 	}
 	var out []*group
 	for _, m := range msgs {
-		if isMarker(m.Header) {
-			continue
-		}
-		tok := m.Subject[strings.LastIndexByte(m.Subject, '.')+1:]
-		id, err := schema.ParseToken(tok)
+		id, v, ok, err := decodeIndex(m)
 		if err != nil {
+			return nil, fmt.Errorf("groups of %s: %w", u, err)
+		}
+		if !ok || v.closed() {
 			continue
 		}
-		g, err := s.load(ctx, schema.GroupID(id))
+		g, err := s.load(ctx, id)
 		if errors.Is(err, ErrNotFound) {
 			continue
 		}
@@ -315,10 +321,11 @@ func (s *Service) userGroups(ctx context.Context, u schema.UserID) ([]*group, er
 }
 
 // kvWrite is one key written by a change: a value, or a purge when value
-// is nil.
+// is nil. A value with a ttl expires (the key disappears) after it.
 type kvWrite struct {
 	key   string
 	value []byte
+	ttl   time.Duration
 }
 
 // change is what one membership operation writes, atomically.
@@ -346,6 +353,9 @@ func purgeMsg(key string) *nats.Msg {
 
 // commit writes ch as one atomic batch whose first message replaces the
 // meta key of gid only if it is still at revision metaRev (0: absent).
+// Every membership key and the index key that goes with it are written in
+// the same batch (all or nothing), which is why Memberships may trust the
+// index alone.
 func (s *Service) commit(ctx context.Context, gid schema.GroupID, metaRev uint64, ch change) error {
 	if len(ch.writes)+1 > maxAtomicBatch {
 		return fmt.Errorf("commit group %s: %d writes exceed one batch", gid, len(ch.writes)+1)
@@ -361,9 +371,15 @@ func (s *Service) commit(ctx context.Context, gid schema.GroupID, metaRev uint64
 	first.Header.Set(jetstream.ExpectedLastSubjSeqHeader, strconv.FormatUint(metaRev, 10))
 	msgs = append(msgs, first)
 	for _, w := range ch.writes {
-		if w.value == nil {
+		switch {
+		case w.value == nil:
 			msgs = append(msgs, purgeMsg(w.key))
-		} else {
+		case w.ttl > 0:
+			m := nats.NewMsg(kvPrefix + w.key)
+			m.Data = w.value
+			m.Header.Set(jetstream.MsgTTLHeader, w.ttl.String())
+			msgs = append(msgs, m)
+		default:
 			msgs = append(msgs, &nats.Msg{Subject: kvPrefix + w.key, Data: w.value})
 		}
 	}
@@ -554,6 +570,12 @@ func (s *Service) createGroup(ctx context.Context, creator schema.UserID, name s
 	if len(all) > s.maxMembers {
 		return nil, errMemberLimit
 	}
+	// The id is new, so its log subject is empty: the read mostly checks
+	// that GROUP_LOG answers, as for add.
+	since, err := s.lastLogSeq(ctx, gid)
+	if err != nil {
+		return nil, fmt.Errorf("create group %s: %w", gid, err)
+	}
 	var writes []kvWrite
 	for i, u := range all {
 		role := RoleUser
@@ -562,8 +584,8 @@ func (s *Service) createGroup(ctx context.Context, creator schema.UserID, name s
 		}
 		mv := memberValue{Username: u, Role: role, AddedOn: now, Join: uint64(i + 1)}
 		g.members = append(g.members, mv)
-		// The index is written before the membership (see userGroups).
-		writes = append(writes, putJSON(indexKey(u, gid), indexValue{GroupID: gid, AddedOn: now}), putJSON(memberKey(gid, u), mv))
+		iv := indexValue{GroupID: gid, AddedOn: now, Epochs: joined(nil, since)}
+		writes = append(writes, putJSON(indexKey(u, gid), iv), putJSON(memberKey(gid, u), mv))
 	}
 	g.meta.NextJoin = uint64(len(all) + 1)
 	if err := s.commit(ctx, gid, 0, change{meta: &g.meta, writes: writes}); err != nil {
@@ -574,6 +596,11 @@ func (s *Service) createGroup(ctx context.Context, creator schema.UserID, name s
 
 // addMembers adds users (valid, de-duplicated) to gid as role user. It
 // returns the snapshot before the change and the members added.
+//
+// Each new member's epoch starts at the last sequence of the group's log
+// when the change is planned, read once per attempt; a user added before
+// keeps its closed epochs. Both reads come after the snapshot, so a change
+// committed in between makes the meta CAS fail and the plan is redone.
 func (s *Service) addMembers(ctx context.Context, actor schema.UserID, gid schema.GroupID, users []schema.UserID) (*group, []memberValue, error) {
 	var added []memberValue
 	before, _, err := s.mutate(ctx, gid, func(g *group) (change, error) {
@@ -581,23 +608,35 @@ func (s *Service) addMembers(ctx context.Context, actor schema.UserID, gid schem
 		if _, ok := g.member(actor); !ok {
 			return change{}, ErrNotFound
 		}
+		var fresh []schema.UserID
+		for _, u := range users {
+			if _, ok := g.member(u); !ok {
+				fresh = append(fresh, u)
+			}
+		}
+		if len(fresh) == 0 {
+			return change{noop: true}, nil
+		}
+		if len(g.members)+len(fresh) > s.maxMembers {
+			return change{}, errMemberLimit
+		}
+		since, err := s.lastLogSeq(ctx, gid)
+		if err != nil {
+			return change{}, fmt.Errorf("add to group %s: %w", gid, err)
+		}
+		prev, err := s.indexValues(ctx, gid, fresh)
+		if err != nil {
+			return change{}, fmt.Errorf("add to group %s: %w", gid, err)
+		}
 		now := s.now().UnixMilli()
 		meta := g.meta
-		var writes []kvWrite
-		for _, u := range users {
-			if _, ok := g.member(u); ok {
-				continue
-			}
+		writes := make([]kvWrite, 0, 2*len(fresh))
+		for _, u := range fresh {
 			mv := memberValue{Username: u, Role: RoleUser, AddedOn: now, Join: meta.NextJoin}
 			meta.NextJoin++
 			added = append(added, mv)
-			writes = append(writes, putJSON(indexKey(u, gid), indexValue{GroupID: gid, AddedOn: now}), putJSON(memberKey(gid, u), mv))
-		}
-		if len(added) == 0 {
-			return change{noop: true}, nil
-		}
-		if len(g.members)+len(added) > s.maxMembers {
-			return change{}, errMemberLimit
+			iv := indexValue{GroupID: gid, AddedOn: now, Epochs: joined(prev[u], since)}
+			writes = append(writes, putJSON(indexKey(u, gid), iv), putJSON(memberKey(gid, u), mv))
 		}
 		return change{meta: &meta, writes: writes}, nil
 	})
@@ -616,7 +655,11 @@ type removal struct {
 // removeMember removes target from gid. A member may remove itself; only
 // an admin may remove others. When the last admin goes, the longest-standing
 // remaining member becomes admin; when the last member goes, the group is
-// deleted.
+// deleted (its keys purged, as by deleteGroup).
+//
+// The target's index key is rewritten with its last epoch closed at the
+// last sequence of the group's log + 1 (read once per attempt), and
+// expires Config.Retention later.
 func (s *Service) removeMember(ctx context.Context, actor, target schema.UserID, gid schema.GroupID) (*group, removal, error) {
 	var res removal
 	before, _, err := s.mutate(ctx, gid, func(g *group) (change, error) {
@@ -633,11 +676,21 @@ func (s *Service) removeMember(ctx context.Context, actor, target schema.UserID,
 			return change{noop: true}, nil
 		}
 		res.removed = true
-		writes := []kvWrite{{key: memberKey(gid, target)}, {key: indexKey(target, gid)}}
 		if len(g.members) == 1 {
 			// The last member leaves: the group goes with it.
-			return change{meta: nil, writes: writes}, nil
+			return change{meta: nil, writes: []kvWrite{{key: memberKey(gid, target)}, {key: indexKey(target, gid)}}}, nil
 		}
+		last, err := s.lastLogSeq(ctx, gid)
+		if err != nil {
+			return change{}, fmt.Errorf("remove from group %s: %w", gid, err)
+		}
+		prev, err := s.indexValues(ctx, gid, []schema.UserID{target})
+		if err != nil {
+			return change{}, fmt.Errorf("remove from group %s: %w", gid, err)
+		}
+		tomb := putJSON(indexKey(target, gid), left(prev[target], gid, last+1, s.now().UnixMilli()))
+		tomb.ttl = s.retention
+		writes := []kvWrite{{key: memberKey(gid, target)}, tomb}
 		if tm.Role == RoleAdmin && g.admins() == 1 {
 			for _, m := range g.members { // join order: the first other member has stood longest
 				if m.Username != target {
@@ -751,10 +804,13 @@ func (s *Service) setRole(ctx context.Context, actor, target schema.UserID, gid 
 }
 
 // deleteGroup deletes gid (admins only). The meta key goes first, in one
-// CAS, which makes the group disappear for every reader at once; member
-// and index keys are purged afterwards. A failure in that clean-up is
-// logged: leftovers are invisible (no meta) and never reused (ids are
-// random UUIDs).
+// CAS, which makes the group disappear for every reader at once, together
+// with the members' index keys as far as they fit in that atomic batch (all
+// of them up to 999 members), so Memberships stops listing the group at
+// once; member keys and any index keys left are purged afterwards. A
+// failure in that clean-up is logged: leftovers are invisible to the REST
+// API (no meta) and never reused (ids are random UUIDs). No tombstone is
+// kept: undelivered messages of a deleted group are dropped.
 func (s *Service) deleteGroup(ctx context.Context, actor schema.UserID, gid schema.GroupID) (*group, error) {
 	before, _, err := s.mutate(ctx, gid, func(g *group) (change, error) {
 		m, ok := g.member(actor)
@@ -764,14 +820,21 @@ func (s *Service) deleteGroup(ctx context.Context, actor schema.UserID, gid sche
 		if m.Role != RoleAdmin {
 			return change{}, errForbidden
 		}
-		return change{meta: nil}, nil
+		var writes []kvWrite
+		for _, m := range g.members[:min(len(g.members), maxAtomicBatch-1)] {
+			writes = append(writes, kvWrite{key: indexKey(m.Username, gid)})
+		}
+		return change{meta: nil, writes: writes}, nil
 	})
 	if err != nil {
 		return nil, err
 	}
 	msgs := make([]*nats.Msg, 0, 2*len(before.members))
-	for _, m := range before.members {
-		msgs = append(msgs, purgeMsg(memberKey(gid, m.Username)), purgeMsg(indexKey(m.Username, gid)))
+	for i, m := range before.members {
+		msgs = append(msgs, purgeMsg(memberKey(gid, m.Username)))
+		if i >= maxAtomicBatch-1 {
+			msgs = append(msgs, purgeMsg(indexKey(m.Username, gid)))
+		}
 	}
 	for chunk := range slices.Chunk(msgs, maxAtomicBatch) {
 		if err := s.publishAtomic(ctx, chunk); err != nil {

@@ -244,6 +244,14 @@ func TestLargeGroupPagedLoad(t *testing.T) {
 	if _, err := e.svc.lastMsgs(t.Context(), kvPrefix+metaKey(gid), membersFilter(gid)); !errors.Is(err, errTooManySubjects) {
 		t.Fatalf("multi_last of 1101 members: %v, want errTooManySubjects", err)
 	}
+	// The index values of more users than one multi_last request may name.
+	vals, err := e.svc.indexValues(t.Context(), gid, append(toIDs(all), "absent"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(vals) != len(all) || vals["m1099"] == nil || vals["m1099"].closed() || vals["absent"] != nil {
+		t.Fatalf("%d index values, want %d", len(vals), len(all))
+	}
 	got, err := e.svc.Members(t.Context(), gid)
 	if err != nil {
 		t.Fatal(err)
@@ -259,10 +267,24 @@ func TestLargeGroupPagedLoad(t *testing.T) {
 	if got, _ := e.svc.Members(t.Context(), gid); len(got) != 1100 || slices.Contains(got, "m0500") {
 		t.Fatalf("after remove: %d members", len(got))
 	}
+	// Deleted: index keys in the delete's batch and in the clean-up are gone.
+	if _, err := e.svc.deleteGroup(t.Context(), "alice", gid); err != nil {
+		t.Fatal(err)
+	}
+	for _, u := range []schema.UserID{"alice", "m0000", "m1099"} {
+		if ms, err := e.svc.Memberships(t.Context(), u); err != nil || len(ms) != 0 {
+			t.Fatalf("%s after delete: %+v %v", u, ms, err)
+		}
+	}
+	if ms, err := e.svc.Memberships(t.Context(), "m0500"); err != nil || len(ms) != 1 || ms[0].Current() {
+		t.Fatalf("m0500 (removed before) after delete: %+v %v", ms, err)
+	}
 }
 
 // TestRemovedKeysExpire: the purge markers of removed memberships go away,
-// so they do not count against multi_last's subject limit for long.
+// so they do not count against multi_last's subject limit for long. The
+// removed member's index key stays, as a closed membership (it expires
+// after Config.Retention: see TestTombstoneExpires).
 func TestRemovedKeysExpire(t *testing.T) {
 	if testing.Short() {
 		t.Skip("waits for marker TTL")
@@ -276,7 +298,8 @@ func TestRemovedKeysExpire(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if len(msgs) == 1 && msgs[0].Subject == kvPrefix+memberKey(gid, "alice") {
+		if len(msgs) == 2 && msgs[0].Subject == kvPrefix+memberKey(gid, "alice") &&
+			msgs[1].Subject == kvPrefix+indexKey("bob", gid) && !isMarker(msgs[1].Header) {
 			return
 		}
 		if time.Now().After(deadline) {

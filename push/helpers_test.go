@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"go.uber.org/goleak"
 
@@ -178,18 +179,22 @@ func (r *recorder) maxInFlight() int {
 	return r.maxIn
 }
 
-// env is a push service on a real embedded JetStream with an INBOX stream.
+// env is a push service on a real embedded JetStream with the INBOX and
+// GROUP_LOG streams. e.cfg.Groups is nil (no GROUP_LOG consumer) until a
+// test sets it, usually to e.groups.
 type env struct {
-	srv  *natstest.Server
-	js   jetstream.JetStream
-	pres *fakePresence
-	devs *fakeDevices
-	snd  *recorder
-	cfg  Config
+	srv    *natstest.Server
+	js     jetstream.JetStream
+	pres   *fakePresence
+	devs   *fakeDevices
+	snd    *recorder
+	groups *fakeGroups
+	cfg    Config
 }
 
-// newEnv starts JetStream, creates INBOX and prepares the fakes. It checks
-// for leaked goroutines when the test ends.
+// newEnv starts JetStream, creates INBOX and GROUP_LOG (as delivery.Setup
+// does) and prepares the fakes. It checks for leaked goroutines when the
+// test ends.
 func newEnv(t *testing.T) *env {
 	t.Helper()
 	ignore := goleak.IgnoreCurrent()
@@ -206,7 +211,25 @@ func newEnv(t *testing.T) *env {
 	if err != nil {
 		t.Fatalf("create INBOX: %v", err)
 	}
-	e := &env{srv: srv, js: js, pres: &fakePresence{}, devs: &fakeDevices{}, snd: &recorder{}}
+	_, err = js.CreateStream(ctx, jetstream.StreamConfig{
+		Name:               schema.StreamGroupLog,
+		Subjects:           []string{schema.SubjectGroupLogAll},
+		Retention:          jetstream.LimitsPolicy,
+		Storage:            jetstream.FileStorage,
+		AllowDirect:        true,
+		AllowAtomicPublish: true,
+		Duplicates:         2 * time.Minute,
+		MaxMsgsPerSubject:  100_000,
+		Discard:            jetstream.DiscardOld,
+		RePublish: &jetstream.RePublish{
+			Source:      schema.SubjectGroupLogAll,
+			Destination: schema.SubjectDeliverGroupRepub,
+		},
+	})
+	if err != nil {
+		t.Fatalf("create GROUP_LOG: %v", err)
+	}
+	e := &env{srv: srv, js: js, pres: &fakePresence{}, devs: &fakeDevices{}, snd: &recorder{}, groups: &fakeGroups{}}
 	e.cfg = Config{
 		JS:          js,
 		Presence:    e.pres,
@@ -270,15 +293,41 @@ func (e *env) publish(t *testing.T, to schema.UserID, m *schema.Message) uint64 
 	return ack.Sequence
 }
 
-// waitAcked waits until the push consumer acked every message up to seq.
-// Acking is the last thing the service does for a message, so afterwards
-// every push for it has been made.
+// publishGroup stores m once in group g's GROUP_LOG subject, with the
+// sender header as the router writes it, and returns its stream sequence.
+func (e *env) publishGroup(t *testing.T, g schema.GroupID, m *schema.Message) uint64 {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), waitTimeout)
+	defer cancel()
+	ack, err := e.js.PublishMsg(ctx, &nats.Msg{
+		Subject: schema.GroupLog(g),
+		Header: nats.Header{
+			schema.HeaderSender: []string{schema.Token(schema.UserID(m.Source))},
+			schema.HeaderMsgID:  []string{fmt.Sprintf("g:%s:%s:%s", g, m.Source, m.ID)},
+		},
+		Data: m.MarshalProto(),
+	})
+	if err != nil {
+		t.Fatalf("publish to group %s: %v", g, err)
+	}
+	return ack.Sequence
+}
+
+// waitAcked waits until the INBOX push consumer acked every message up to
+// seq. Acking is the last thing the service does for a message, so
+// afterwards every push for it has been made.
 func (e *env) waitAcked(t *testing.T, seq uint64) {
 	t.Helper()
-	waitFor(t, fmt.Sprintf("ack of seq %d", seq), func() bool {
+	e.waitAckedOn(t, schema.StreamInbox, seq)
+}
+
+// waitAckedOn is waitAcked for the push consumer on stream.
+func (e *env) waitAckedOn(t *testing.T, stream string, seq uint64) {
+	t.Helper()
+	waitFor(t, fmt.Sprintf("ack of %s seq %d", stream, seq), func() bool {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 		defer cancel()
-		c, err := e.js.Consumer(ctx, schema.StreamInbox, ConsumerName)
+		c, err := e.js.Consumer(ctx, stream, ConsumerName)
 		if err != nil {
 			return false
 		}
@@ -289,9 +338,15 @@ func (e *env) waitAcked(t *testing.T, seq uint64) {
 
 func (e *env) consumerInfo(t *testing.T) *jetstream.ConsumerInfo {
 	t.Helper()
+	return e.consumerInfoOn(t, schema.StreamInbox)
+}
+
+// consumerInfoOn is consumerInfo for the push consumer on stream.
+func (e *env) consumerInfoOn(t *testing.T, stream string) *jetstream.ConsumerInfo {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), waitTimeout)
 	defer cancel()
-	c, err := e.js.Consumer(ctx, schema.StreamInbox, ConsumerName)
+	c, err := e.js.Consumer(ctx, stream, ConsumerName)
 	if err != nil {
 		t.Fatalf("consumer: %v", err)
 	}
@@ -331,6 +386,58 @@ func chat(from, to schema.UserID, text string) *schema.Message {
 		Meta:        map[string]string{schema.MetaContentType: "text"},
 		ServerID:    fmt.Sprintf("s%d", msgCounter),
 	}
+}
+
+// groupChat returns a text message from -> group g, as the router stores it
+// once in GROUP_LOG.
+func groupChat(from schema.UserID, g schema.GroupID, text string) *schema.Message {
+	m := chat(from, schema.UserID(g), text)
+	m.Channel = schema.ChannelGroup
+	return m
+}
+
+// errNoGroup is fakeGroups' error for a group it does not know.
+var errNoGroup = errors.New("fake groups: no such group")
+
+// fakeGroups is an in-memory member table. Its first fail calls fail with
+// errBoom; a group it does not know is errNoGroup (wrapped).
+type fakeGroups struct {
+	mu      sync.Mutex
+	members map[schema.GroupID][]schema.UserID
+	fail    int
+	count   int // Members calls
+}
+
+func (g *fakeGroups) set(gid schema.GroupID, users ...schema.UserID) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.members == nil {
+		g.members = make(map[schema.GroupID][]schema.UserID)
+	}
+	g.members[gid] = users
+}
+
+func (g *fakeGroups) Members(ctx context.Context, gid schema.GroupID) ([]schema.UserID, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.count++
+	if g.count <= g.fail {
+		return nil, errBoom
+	}
+	users, ok := g.members[gid]
+	if !ok {
+		return nil, fmt.Errorf("members of %s: %w", gid, errNoGroup)
+	}
+	return slices.Clone(users), nil
+}
+
+func (g *fakeGroups) calls() int {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.count
 }
 
 // rendered is the data.message expected for m: the rendering of m as it

@@ -37,6 +37,14 @@ type Devices interface {
 	RemoveToken(ctx context.Context, user schema.UserID, device schema.DeviceID, token string) error
 }
 
+// MemberLister gives the members of a group (groups.Service and
+// groups.Client have it). A missing group is an error; Config.IsNoGroup
+// recognizes it.
+type MemberLister interface {
+	// Members returns the current members of group g.
+	Members(ctx context.Context, g schema.GroupID) ([]schema.UserID, error)
+}
+
 // Notification is one push to one device token.
 type Notification struct {
 	Token       string
@@ -78,7 +86,8 @@ func (e *RetryableError) Error() string {
 
 func (e *RetryableError) Unwrap() error { return e.Err }
 
-// ConsumerName is the durable consumer on INBOX shared by all push processes.
+// ConsumerName is the durable consumer on INBOX, and with Config.Groups the
+// one on GROUP_LOG, shared by all push processes.
 const ConsumerName = "push"
 
 // Defaults.
@@ -95,12 +104,13 @@ const (
 	// ackWait is the consumer's ack wait; held messages are kept alive with
 	// InProgress every ackWait/3.
 	ackWait = 30 * time.Second
-	// maxDeliver bounds the deliveries of one INBOX message to this consumer.
+	// maxDeliver bounds the deliveries of one message to a push consumer.
 	maxDeliver = 10
-	// maxAckPendingPerWorker times Concurrency is the consumer's
-	// MaxAckPending: the messages held in memory at most.
+	// maxAckPendingPerWorker times Concurrency is each consumer's
+	// MaxAckPending: the messages held in memory at most, per stream.
 	maxAckPendingPerWorker = 128
-	// opTimeout bounds one presence or device lookup and one token removal.
+	// opTimeout bounds one member, presence or device lookup and one token
+	// removal.
 	opTimeout = 10 * time.Second
 	// sendTimeout bounds one Sender.Send attempt; running out is retryable.
 	sendTimeout = 30 * time.Second
@@ -119,7 +129,8 @@ const (
 
 // Config configures a Service.
 type Config struct {
-	// JS is the JetStream context of the INBOX stream. Required.
+	// JS is the JetStream context of the INBOX and GROUP_LOG streams.
+	// Required.
 	JS jetstream.JetStream
 	// Logger receives the service's logs. Default: discard.
 	Logger *slog.Logger
@@ -129,6 +140,16 @@ type Config struct {
 	Devices Devices
 	// Sender delivers the pushes (push/fcm, or NewLogSender). Required.
 	Sender Sender
+	// Groups lists the members of a group, for the group messages stored
+	// once in GROUP_LOG. Default nil: GROUP_LOG is not consumed (no
+	// consumer is created there) and only INBOX messages are pushed.
+	Groups MemberLister
+	// IsNoGroup reports whether an error of Groups.Members means the group
+	// does not exist (e.g. errors.Is(err, groups.ErrNotFound)): its
+	// messages are then acked and not pushed. Any other error, and every
+	// error when IsNoGroup is nil, is retried by redelivery with backoff.
+	// Context errors are always retried.
+	IsNoGroup func(error) bool
 	// TTL is how long the provider keeps an undelivered push, sent in whole
 	// seconds (android.ttl). Default 24h, at most 28 days.
 	TTL time.Duration
@@ -163,6 +184,8 @@ type Service struct {
 	presence    Presence
 	devices     Devices
 	sender      Sender
+	groups      MemberLister
+	isNoGroup   func(error) bool
 	ttl         time.Duration
 	workers     int
 	window      time.Duration
@@ -270,6 +293,8 @@ func New(cfg Config) (*Service, error) {
 		presence:    cfg.Presence,
 		devices:     cfg.Devices,
 		sender:      cfg.Sender,
+		groups:      cfg.Groups,
+		isNoGroup:   cfg.IsNoGroup,
 		ttl:         cfg.TTL.Truncate(time.Second),
 		workers:     cfg.Concurrency,
 		window:      cfg.Coalesce,
@@ -285,22 +310,33 @@ func New(cfg Config) (*Service, error) {
 	return s, nil
 }
 
-// Setup creates or updates the durable consumer on INBOX. It is idempotent.
-// The INBOX stream must exist (delivery creates it).
+// Setup creates or updates the durable consumer on INBOX and, when
+// Config.Groups is set, the one on GROUP_LOG. It is idempotent. The streams
+// must exist (delivery creates them).
 func (s *Service) Setup(ctx context.Context) error {
-	_, err := s.js.CreateOrUpdateConsumer(ctx, schema.StreamInbox, jetstream.ConsumerConfig{
-		Durable:       ConsumerName,
-		Description:   "sends push notifications to offline devices",
-		DeliverPolicy: jetstream.DeliverNewPolicy,
-		AckPolicy:     jetstream.AckExplicitPolicy,
-		AckWait:       s.ackWait,
-		MaxDeliver:    maxDeliver,
-		MaxAckPending: maxAckPendingPerWorker * s.workers,
-	})
-	if err != nil {
-		return fmt.Errorf("create consumer %s on %s: %w", ConsumerName, schema.StreamInbox, err)
+	for _, stream := range s.streams() {
+		_, err := s.js.CreateOrUpdateConsumer(ctx, stream, jetstream.ConsumerConfig{
+			Durable:       ConsumerName,
+			Description:   "sends push notifications to offline devices",
+			DeliverPolicy: jetstream.DeliverNewPolicy,
+			AckPolicy:     jetstream.AckExplicitPolicy,
+			AckWait:       s.ackWait,
+			MaxDeliver:    maxDeliver,
+			MaxAckPending: maxAckPendingPerWorker * s.workers,
+		})
+		if err != nil {
+			return fmt.Errorf("create consumer %s on %s: %w", ConsumerName, stream, err)
+		}
 	}
 	return nil
+}
+
+// streams are the streams the service consumes.
+func (s *Service) streams() []string {
+	if s.groups == nil {
+		return []string{schema.StreamInbox}
+	}
+	return []string{schema.StreamInbox, schema.StreamGroupLog}
 }
 
 // Stats returns a snapshot of the counters.
@@ -317,36 +353,58 @@ func (s *Service) Stats() Stats {
 // Run pushes messages until ctx ends. It then stops consuming, abandons the
 // pushes in flight and NakWithDelay's the messages it held, so the next
 // push process picks them up, and returns nil. Setup must have run before.
-// Run returns an error if the consumer is missing or is deleted while
+// Run returns an error if a consumer is missing or is deleted while
 // running.
 func (s *Service) Run(ctx context.Context) error {
-	cons, err := s.js.Consumer(ctx, schema.StreamInbox, ConsumerName)
-	if err != nil {
-		return fmt.Errorf("push consumer: %w", err)
+	streams := s.streams()
+	var conss []jetstream.Consumer
+	for _, stream := range streams {
+		cons, err := s.js.Consumer(ctx, stream, ConsumerName)
+		if err != nil {
+			return fmt.Errorf("push consumer on %s: %w", stream, err)
+		}
+		conss = append(conss, cons)
 	}
 	r := newRunner(s)
+	// Both streams' messages share the lookup workers.
 	in := make(chan jetstream.Msg, s.workers)
 	stop := make(chan struct{})
 	fatal := make(chan error, 1)
-	cc, err := cons.Consume(func(m jetstream.Msg) {
-		select {
-		case in <- m:
-		case <-stop:
+	var ccs []jetstream.ConsumeContext
+	stopConsuming := func() {
+		for _, cc := range ccs {
+			cc.Stop()
 		}
-	},
-		jetstream.PullMaxMessages(2*s.workers),
-		jetstream.ConsumeErrHandler(func(_ jetstream.ConsumeContext, err error) {
-			if errors.Is(err, jetstream.ErrConsumerDeleted) || errors.Is(err, jetstream.ErrConsumerNotFound) {
-				select {
-				case fatal <- err:
-				default:
-				}
-				return
+		for _, cc := range ccs {
+			<-cc.Closed()
+		}
+	}
+	for i, cons := range conss {
+		stream := streams[i]
+		cc, err := cons.Consume(func(m jetstream.Msg) {
+			select {
+			case in <- m:
+			case <-stop:
 			}
-			s.log.Warn("push consume error", "err", err)
-		}))
-	if err != nil {
-		return fmt.Errorf("consume %s: %w", schema.StreamInbox, err)
+		},
+			jetstream.PullMaxMessages(2*s.workers),
+			jetstream.ConsumeErrHandler(func(_ jetstream.ConsumeContext, err error) {
+				if errors.Is(err, jetstream.ErrConsumerDeleted) || errors.Is(err, jetstream.ErrConsumerNotFound) {
+					select {
+					case fatal <- fmt.Errorf("%s: %w", stream, err):
+					default:
+					}
+					return
+				}
+				s.log.Warn("push consume error", "stream", stream, "err", err)
+			}))
+		if err != nil {
+			close(stop)
+			stopConsuming()
+			r.releaseAll(in)
+			return fmt.Errorf("consume %s: %w", stream, err)
+		}
+		ccs = append(ccs, cc)
 	}
 
 	wctx, cancel := context.WithCancel(ctx)
@@ -365,8 +423,7 @@ func (s *Service) Run(ctx context.Context) error {
 		runErr = fmt.Errorf("push consumer: %w", err)
 	}
 	close(stop)
-	cc.Stop()
-	<-cc.Closed()
+	stopConsuming()
 	cancel()
 	wg.Wait()
 	r.releaseAll(in)

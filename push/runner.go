@@ -14,12 +14,26 @@ import (
 	"github.com/vartalap/vartalap/schema"
 )
 
-// held is an INBOX message this process works on. It is acked when refs
-// drops to zero: every push it is part of is done. A batch abandoned at
-// shutdown never releases its messages; Run naks them instead.
+// Kinds of consumed stream: the index of a stream in batch.newest.
+const (
+	inboxStream = iota // INBOX: one copy per recipient, msg.user.<user>
+	groupStream        // GROUP_LOG: one copy per group message, msg.group.<gid>
+	numStreams
+)
+
+// msgKey identifies a stored message. The sequences of INBOX and GROUP_LOG
+// overlap, so a sequence alone does not.
+type msgKey struct {
+	stream int // inboxStream or groupStream
+	seq    uint64
+}
+
+// held is an INBOX or GROUP_LOG message this process works on. It is acked
+// when refs drops to zero: every push it is part of is done. A batch
+// abandoned at shutdown never releases its messages; Run naks them instead.
 type held struct {
 	msg  jetstream.Msg // the latest delivery of the message
-	seq  uint64        // its stream sequence
+	key  msgKey        // its stream and stream sequence
 	refs int           // open batches holding it, plus one while it is looked up
 }
 
@@ -29,15 +43,16 @@ type deviceKey struct {
 }
 
 // batch is one coalescing window of one device: the messages that will be
-// sent as one push when the window ends.
+// sent as one push when the window ends. Its messages may come from both
+// streams; latest is the one pushed (see enqueue).
 type batch struct {
-	key       deviceKey
-	token     string
-	deadline  time.Time
-	latest    *schema.Message
-	latestSeq uint64
-	count     int
-	msgs      []*held
+	key      deviceKey
+	token    string
+	deadline time.Time
+	latest   *schema.Message
+	newest   [numStreams]uint64 // highest sequence folded in, per stream (0: none)
+	count    int
+	msgs     []*held
 }
 
 // runner is the state of one Run.
@@ -47,7 +62,7 @@ type runner struct {
 	wake  chan struct{}
 
 	mu      sync.Mutex
-	held    map[uint64]*held // by stream sequence
+	held    map[msgKey]*held
 	pending map[deviceKey]*batch
 	order   []*batch // pending in deadline order (all windows are equally long)
 }
@@ -57,13 +72,13 @@ func newRunner(s *Service) *runner {
 		s:       s,
 		ready:   make(chan *batch, s.workers),
 		wake:    make(chan struct{}, 1),
-		held:    make(map[uint64]*held),
+		held:    make(map[msgKey]*held),
 		pending: make(map[deviceKey]*batch),
 	}
 }
 
-// lookupLoop decides for each INBOX message which devices get a push and
-// adds it to their batches.
+// lookupLoop decides for each message, of either stream, which devices get
+// a push and adds it to their batches.
 func (r *runner) lookupLoop(ctx context.Context, in <-chan jetstream.Msg) {
 	for {
 		select {
@@ -83,30 +98,46 @@ func (r *runner) lookup(ctx context.Context, m jetstream.Msg) {
 		_ = m.Term()
 		return
 	}
-	seq := meta.Sequence.Stream
-	log = log.With("seq", seq)
+	key := msgKey{seq: meta.Sequence.Stream}
+	switch meta.Stream {
+	case schema.StreamInbox:
+		key.stream = inboxStream
+	case schema.StreamGroupLog:
+		key.stream = groupStream
+	default:
+		log.Error("push message from an unexpected stream", "stream", meta.Stream)
+		_ = m.Term()
+		return
+	}
+	log = log.With("stream", meta.Stream, "seq", key.seq)
 
 	r.mu.Lock()
-	if h, ok := r.held[seq]; ok {
+	if h, ok := r.held[key]; ok {
 		// A redelivery of a message still being worked on: ack the newest
 		// delivery when done.
 		h.msg = m
 		r.mu.Unlock()
 		return
 	}
-	h := &held{msg: m, seq: seq, refs: 1}
-	r.held[seq] = h
+	h := &held{msg: m, key: key, refs: 1}
+	r.held[key] = h
 	r.mu.Unlock()
 
-	targets, ok := r.targets(ctx, log, m, meta)
+	var targets []target
+	var ok bool
+	if key.stream == groupStream {
+		targets, ok = r.groupTargets(ctx, log, m, meta)
+	} else {
+		targets, ok = r.inboxTargets(ctx, log, m, meta)
+	}
 	if !ok {
 		r.mu.Lock()
-		delete(r.held, seq)
+		delete(r.held, key)
 		r.mu.Unlock()
 		return
 	}
 	if len(targets) > 0 {
-		r.enqueue(h, seq, targets)
+		r.enqueue(h, targets)
 	}
 	r.release([]*held{h})
 }
@@ -118,9 +149,10 @@ type target struct {
 	msg   *schema.Message
 }
 
-// targets returns the devices m is pushed to. ok=false means the message was
+// inboxTargets returns the devices the INBOX message m is pushed to: the
+// recipient's (the user of its subject). ok=false means the message was
 // already terminated or nak'ed and must be forgotten.
-func (r *runner) targets(ctx context.Context, log *slog.Logger, m jetstream.Msg, meta *jetstream.MsgMetadata) (_ []target, ok bool) {
+func (r *runner) inboxTargets(ctx context.Context, log *slog.Logger, m jetstream.Msg, meta *jetstream.MsgMetadata) (_ []target, ok bool) {
 	msg, err := schema.UnmarshalProto(m.Data())
 	if err != nil {
 		log.Error("push undecodable message", "err", err)
@@ -137,38 +169,120 @@ func (r *runner) targets(ctx context.Context, log *slog.Logger, m jetstream.Msg,
 	if !pushable(msg, user) {
 		return nil, true
 	}
-
-	lctx, cancel := context.WithTimeout(ctx, opTimeout)
-	defer cancel()
-	devs, err := r.s.userDevices(lctx, user)
+	out, what, err := r.userTargets(ctx, user, msg, nil)
 	if err != nil {
-		r.nak(ctx, log.With("user", user), m, meta, "devices", err)
+		r.nak(ctx, log.With("user", user), m, meta, what, err)
 		return nil, false
 	}
-	devs = slices.DeleteFunc(devs, func(d Device) bool { return d.Token == "" || r.s.isDead(d.Token) })
-	if len(devs) == 0 {
+	return out, true
+}
+
+// groupTargets returns the devices the GROUP_LOG message m is pushed to:
+// those of every current member of the group (Config.Groups) but the
+// sender, chosen as for an INBOX message of that member. ok=false means the
+// message was already terminated or nak'ed and must be forgotten.
+//
+// The member list is the current one, not the one at the message's
+// sequence: a member added or removed between the send and this lookup
+// (normally milliseconds) may get a push too many or too few.
+func (r *runner) groupTargets(ctx context.Context, log *slog.Logger, m jetstream.Msg, meta *jetstream.MsgMetadata) (_ []target, ok bool) {
+	msg, err := schema.UnmarshalProto(m.Data())
+	if err != nil {
+		log.Error("push undecodable message", "err", err)
+		_ = m.Term()
+		return nil, false
+	}
+	log = log.With("msg_id", msg.ID)
+	group, err := schema.GroupFromSubject(m.Subject())
+	if err != nil || !group.Valid() {
+		log.Error("push bad group log subject", "err", err)
+		_ = m.Term()
+		return nil, false
+	}
+	log = log.With("group", group)
+	if !pushableKind(msg) {
 		return nil, true
 	}
-	online, err := r.s.presence.Online(lctx, user)
+	// The sender is msg.Source; the router also names it in the
+	// Vartalap-Sender header (Token of the user). Neither gets a push.
+	sender := schema.UserID(msg.Source)
+	var hdrSender schema.UserID
+	if h := m.Headers().Get(schema.HeaderSender); h != "" {
+		if u, err := schema.ParseToken(h); err == nil {
+			hdrSender = schema.UserID(u)
+		}
+	}
+
+	lctx, cancel := context.WithTimeout(ctx, opTimeout)
+	members, err := r.s.groups.Members(lctx, group)
+	cancel()
 	if err != nil {
-		r.nak(ctx, log.With("user", user), m, meta, "presence", err)
+		if !isContextErr(err) && r.s.isNoGroup != nil && r.s.isNoGroup(err) {
+			log.Info("push skips a message of a missing group", "err", err)
+			return nil, true
+		}
+		r.nak(ctx, log, m, meta, "members", err)
 		return nil, false
 	}
 	var out []target
-	for _, d := range devs {
-		if !slices.Contains(online, d.ID) {
-			out = append(out, target{key: deviceKey{user, d.ID}, token: d.Token, msg: msg})
+	for _, u := range members {
+		if u == sender || (hdrSender != "" && u == hdrSender) || !u.Valid() {
+			continue
+		}
+		var what string
+		out, what, err = r.userTargets(ctx, u, msg, out)
+		if err != nil {
+			r.nak(ctx, log.With("user", u), m, meta, what, err)
+			return nil, false
 		}
 	}
 	return out, true
 }
 
-// pushable reports whether m, stored in user's inbox, is pushed at all.
+// userTargets appends to out the devices of user that get a push of msg:
+// those with a live token that are not online. On error what names the
+// failed lookup.
+func (r *runner) userTargets(ctx context.Context, user schema.UserID, msg *schema.Message, out []target) (_ []target, what string, _ error) {
+	lctx, cancel := context.WithTimeout(ctx, opTimeout)
+	defer cancel()
+	devs, err := r.s.userDevices(lctx, user)
+	if err != nil {
+		return nil, "devices", err
+	}
+	devs = slices.DeleteFunc(devs, func(d Device) bool { return d.Token == "" || r.s.isDead(d.Token) })
+	if len(devs) == 0 {
+		return out, "", nil
+	}
+	online, err := r.s.presence.Online(lctx, user)
+	if err != nil {
+		return nil, "presence", err
+	}
+	for _, d := range devs {
+		if !slices.Contains(online, d.ID) {
+			out = append(out, target{key: deviceKey{user, d.ID}, token: d.Token, msg: msg})
+		}
+	}
+	return out, "", nil
+}
+
+// pushable reports whether m, stored for user, is pushed to user at all.
 func pushable(m *schema.Message, user schema.UserID) bool {
-	if m.Ephemeral || m.Source == string(user) {
+	return pushableKind(m) && m.Source != string(user)
+}
+
+// pushableKind reports whether m is of a kind that is pushed: stored,
+// MESSAGE or CUSTOM.
+func pushableKind(m *schema.Message) bool {
+	if m.Ephemeral {
 		return false
 	}
 	return m.Type == schema.TypeMessage || m.Type == schema.TypeCustom
+}
+
+// isContextErr reports whether err is a cancellation or a deadline: never
+// taken for a missing group.
+func isContextErr(err error) bool {
+	return errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded)
 }
 
 // nak hands m back for redelivery after a lookup failure, with a delay
@@ -187,8 +301,14 @@ func (r *runner) nak(ctx context.Context, log *slog.Logger, m jetstream.Msg, met
 	_ = m.NakWithDelay(delay)
 }
 
-// enqueue adds message h (stream sequence seq) to the batch of each target.
-func (r *runner) enqueue(h *held, seq uint64, targets []target) {
+// enqueue adds message h to the batch of each target.
+//
+// The message a batch pushes (latest) is, within one stream, the one with
+// the highest sequence; across the two streams, whose sequences are not
+// comparable, the one that arrived last among those that are the newest of
+// their stream in the batch. A burst mixing a user's INBOX and group
+// messages therefore pushes the one looked up last.
+func (r *runner) enqueue(h *held, targets []target) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	for _, t := range targets {
@@ -208,8 +328,9 @@ func (r *runner) enqueue(h *held, seq uint64, targets []target) {
 		b.count++
 		b.msgs = append(b.msgs, h)
 		h.refs++
-		if b.latest == nil || seq > b.latestSeq {
-			b.latest, b.latestSeq = t.msg, seq
+		if k := h.key; k.seq > b.newest[k.stream] {
+			b.newest[k.stream] = k.seq
+			b.latest = t.msg
 		}
 	}
 }
@@ -377,7 +498,7 @@ func (r *runner) release(hs []*held) {
 	for _, h := range hs {
 		h.refs--
 		if h.refs == 0 {
-			delete(r.held, h.seq)
+			delete(r.held, h.key)
 			done = append(done, h.msg)
 		}
 	}
@@ -425,9 +546,9 @@ func (r *runner) releaseAll(in <-chan jetstream.Msg) {
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	for seq, h := range r.held {
+	for k, h := range r.held {
 		_ = h.msg.NakWithDelay(shutdownNakDelay)
-		delete(r.held, seq)
+		delete(r.held, k)
 	}
 	clear(r.pending)
 	r.order = nil

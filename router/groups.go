@@ -20,6 +20,8 @@ type groupCache map[schema.GroupID]*groupEntry
 type groupEntry struct {
 	members []schema.UserID
 	err     error
+	// set holds the members, made on the first membership check.
+	set map[schema.UserID]struct{}
 	// rcpts caches the recipient list per sender.
 	rcpts map[schema.UserID][]schema.UserID
 }
@@ -93,4 +95,23 @@ func (r *Router) recipients(ctx context.Context, cache groupCache, g schema.Grou
 		return nil, errNotMember
 	}
 	return rcpts, nil
+}
+
+// checkMember returns nil if sender is a member of g, errNotMember if not,
+// or the lookup's error.
+func (r *Router) checkMember(ctx context.Context, cache groupCache, g schema.GroupID, sender schema.UserID) error {
+	e, err := r.members(ctx, cache, g)
+	if err != nil {
+		return err
+	}
+	if e.set == nil {
+		e.set = make(map[schema.UserID]struct{}, len(e.members))
+		for _, u := range e.members {
+			e.set[u] = struct{}{}
+		}
+	}
+	if _, ok := e.set[sender]; !ok {
+		return errNotMember
+	}
+	return nil
 }

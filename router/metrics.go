@@ -12,7 +12,7 @@ type kind uint8
 
 const (
 	kindDirect    kind = iota // to one user's inbox (INDIVIDUAL, OTHER, UNKNOWN channels)
-	kindGroup                 // to the members of a group
+	kindGroup                 // to a group (stored once in GROUP_LOG)
 	kindEphemeral             // published live, never stored
 	kindClientAck             // a CLIENT_ACK that reached CHAT_IN: dropped
 	kindPoison                // undecodable or with a bad sender: dropped
@@ -31,7 +31,7 @@ var noticeCodes = []string{schema.CodeBadTo, schema.CodeUnknownGroup, schema.Cod
 type metrics struct {
 	messages *prometheus.CounterVec       // {kind}
 	byKind   [numKinds]prometheus.Counter // children of messages
-	copies   prometheus.Counter           // INBOX copies of routed messages
+	copies   prometheus.Counter           // stored copies of routed messages
 	notices  *prometheus.CounterVec       // {code}: error notices of routed messages
 	retries  prometheus.Counter           // CHAT_IN messages nak'd for a retry
 	round    prometheus.Histogram         // routing one fetched batch
@@ -45,7 +45,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		}, []string{"kind"}),
 		copies: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "vartalap_router_copies_total",
-			Help: "Message copies stored in INBOX, one per recipient of a routed message (a client's resend of a message counts again; a retry does not).",
+			Help: "Message copies stored: one in INBOX per recipient of a direct message, one in GROUP_LOG per group message (a client's resend of a message counts again; a retry does not).",
 		}),
 		notices: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "vartalap_router_notices_total",

@@ -50,15 +50,20 @@ func TestMetrics(t *testing.T) {
 			t.Errorf("messages{kind=%q} = %v, want %v", name, got, want[name])
 		}
 	}
-	stored := len(e.inbox(t, "bob")) + len(e.inbox(t, "carol"))
-	if got := testutil.ToFloat64(m.copies); got != float64(stored) || stored != 3 {
-		t.Errorf("copies_total = %v, copies stored %d, want 3", got, stored)
+	// d1 in bob's inbox, g1 once in the group's log.
+	inboxCopies := len(e.inbox(t, "bob")) + len(e.inbox(t, "carol"))
+	stored := inboxCopies + len(e.groupLog(t, "team"))
+	if got := testutil.ToFloat64(m.copies); got != float64(stored) || stored != 2 {
+		t.Errorf("copies_total = %v, copies stored %d, want 2", got, stored)
 	}
 	if got := testutil.ToFloat64(m.notices.WithLabelValues(schema.CodeBadTo)); got != 1 {
 		t.Errorf("notices{bad_to} = %v, want 1", got)
 	}
-	if n := e.inboxTotal(t); n != uint64(stored)+1 {
-		t.Errorf("inbox holds %d messages, want the %d copies and one notice", n, stored)
+	if n := e.inboxTotal(t); n != uint64(inboxCopies)+1 {
+		t.Errorf("inbox holds %d messages, want the %d copies and one notice", n, inboxCopies)
+	}
+	if n := e.groupLogTotal(t); n != 1 {
+		t.Errorf("group log holds %d messages, want 1", n)
 	}
 	if got := testutil.ToFloat64(m.retries); got != 1 {
 		t.Errorf("retries = %v, want 1", got)

@@ -50,7 +50,7 @@ func (r *Router) publishOne(ctx context.Context, m *nats.Msg) result {
 	if isInboxFull(err) {
 		return full
 	}
-	r.log.Warn("inbox publish error", "subject", m.Subject, "err", err)
+	r.log.Warn("publish error", "subject", m.Subject, "err", err)
 	return transient
 }
 

@@ -37,11 +37,12 @@ type item struct {
 	noticed string
 }
 
-// out is one message to store in INBOX for items[owner].
+// out is one message to store (in INBOX or GROUP_LOG) for items[owner].
 type out struct {
 	msg    *nats.Msg
 	owner  int
 	notice bool   // an error notice to the sender, not a copy
+	group  bool   // the copy of a group message, on GROUP_LOG
 	code   string // the notice's error code
 }
 
@@ -74,8 +75,19 @@ func (r *Router) storeBatch(ctx context.Context, srcs []fetched) []item {
 		outs = r.plan(ctx, srcs, items, i, outs, groups)
 	}
 
+	// An atomic batch is written to one stream: INBOX copies and notices
+	// in one, group messages (GROUP_LOG) in another.
+	inbox, group := outs[:0:0], outs[:0:0]
+	for _, o := range outs {
+		if o.group {
+			group = append(group, o)
+		} else {
+			inbox = append(inbox, o)
+		}
+	}
 	p := progress{srcs: srcs, last: time.Now()}
-	r.store(ctx, items, outs, &p)
+	r.store(ctx, items, group, &p)
+	r.store(ctx, items, inbox, &p)
 
 	// Second round: notices for messages some of whose recipients had a
 	// full inbox. A message that will be retried gets its notice then.
@@ -157,7 +169,7 @@ func (r *Router) settle(srcs []fetched, items []item) {
 	}
 }
 
-// plan decodes items[i] and appends the INBOX messages it needs to outs.
+// plan decodes items[i] and appends the messages it needs stored to outs.
 // Messages that need no storage are marked done.
 func (r *Router) plan(ctx context.Context, srcs []fetched, items []item, i int, outs []out, groups groupCache) []out {
 	it := &items[i]
@@ -206,7 +218,7 @@ func (r *Router) plan(ctx context.Context, srcs []fetched, items []item, i int, 
 		if !g.Valid() {
 			return append(outs, r.notice(it, i, schema.CodeBadTo, "destination is not a valid group id"))
 		}
-		rcpts, err := r.recipients(ctx, groups, g, it.sender)
+		err := r.checkMember(ctx, groups, g, it.sender)
 		switch {
 		case errors.Is(err, errUnknownGroup):
 			return append(outs, r.notice(it, i, schema.CodeUnknownGroup, "unknown group"))
@@ -218,10 +230,7 @@ func (r *Router) plan(ctx context.Context, srcs []fetched, items []item, i int, 
 			it.failed = true
 			return outs
 		}
-		for _, u := range rcpts {
-			outs = append(outs, r.copyTo(it, i, u))
-		}
-		return outs
+		return append(outs, r.groupCopy(it, i, g))
 	default:
 		it.kind = kindDirect
 		to := schema.UserID(m.Destination)
@@ -246,6 +255,25 @@ func (r *Router) copyTo(it *item, i int, u schema.UserID) out {
 	}
 }
 
+// groupCopy returns the one stored copy of group message items[i]: the
+// unchanged bytes on the group's GROUP_LOG subject, marked with its sender
+// (so delivery skips it for the sender's own devices without decoding it)
+// and de-duplicated by group, sender and client message id.
+func (r *Router) groupCopy(it *item, i int, g schema.GroupID) out {
+	return out{
+		msg: &nats.Msg{
+			Subject: schema.GroupLog(g),
+			Header: nats.Header{
+				schema.HeaderMsgID:  []string{"g:" + schema.Token(g) + ":" + it.base},
+				schema.HeaderSender: []string{schema.Token(it.sender)},
+			},
+			Data: it.data,
+		},
+		owner: i,
+		group: true,
+	}
+}
+
 // notice returns an error notice about items[i] for its sender.
 func (r *Router) notice(it *item, i int, code, reason string) out {
 	n := schema.ErrorNotice(it.sender, it.m.ID, code, reason, uint64(time.Now().UnixMilli()))
@@ -262,7 +290,7 @@ func (r *Router) notice(it *item, i int, code, reason string) out {
 	}
 }
 
-// store writes outs to INBOX in atomic batches and records the outcome on
+// store writes outs (all on one stream) in atomic batches and records the outcome on
 // their owners.
 //
 // A handful of copies are published one by one: an atomic batch has a fixed
@@ -301,7 +329,7 @@ func (r *Router) store(ctx context.Context, items []item, outs []out, p *progres
 	}
 }
 
-// recordStored records on its owner that o is stored in INBOX.
+// recordStored records on its owner that o is stored.
 func recordStored(items []item, o out) {
 	if o.notice {
 		items[o.owner].noticed = o.code

@@ -54,7 +54,7 @@ const (
 	// ackWait is the consumer's ack wait (the first BackOff step).
 	ackWait = 15 * time.Second
 	// maxRetryDelay caps the NakWithDelay backoff. It stays well below the
-	// INBOX duplicate window (2 minutes), so a retry de-duplicates the copies
+	// INBOX and GROUP_LOG duplicate windows (2 minutes), so a retry de-duplicates the copies
 	// an earlier attempt stored.
 	maxRetryDelay = time.Minute
 	// opTimeout bounds one membership lookup or one publish round.
@@ -78,7 +78,8 @@ var backOff = []time.Duration{ackWait, 30 * time.Second, 45 * time.Second, time.
 
 // Config configures a Router.
 type Config struct {
-	// JS is the JetStream context used for CHAT_IN and INBOX. Required.
+	// JS is the JetStream context used for CHAT_IN, INBOX and GROUP_LOG.
+	// Required.
 	JS jetstream.JetStream
 	// NC is the connection for the msg.live.* subscription and live
 	// (deliver.user.*) publishes. Default: JS.Conn().
@@ -107,7 +108,8 @@ type Config struct {
 	Metrics prometheus.Registerer
 }
 
-// Router routes CHAT_IN messages into INBOX and ephemeral messages to live
+// Router routes CHAT_IN messages into INBOX (direct messages, notices) and
+// GROUP_LOG (group messages, once each), and ephemeral messages to live
 // subscribers.
 type Router struct {
 	js         jetstream.JetStream
@@ -197,7 +199,7 @@ func (r *Router) Setup(ctx context.Context) error {
 	}
 	_, err = r.js.CreateOrUpdateConsumer(ctx, schema.StreamChatIn, jetstream.ConsumerConfig{
 		Durable:       ConsumerName,
-		Description:   "routes CHAT_IN into INBOX",
+		Description:   "routes CHAT_IN into INBOX and GROUP_LOG",
 		AckPolicy:     jetstream.AckExplicitPolicy,
 		AckWait:       ackWait,
 		BackOff:       backOff,

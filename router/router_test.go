@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -22,8 +23,8 @@ import (
 	"github.com/vartalap/vartalap/schema"
 )
 
-// env is one test's embedded JetStream with CHAT_IN (via Setup) and an
-// INBOX stream configured like delivery's.
+// env is one test's embedded JetStream with CHAT_IN (via Setup), and INBOX
+// and GROUP_LOG streams configured like delivery's.
 type env struct {
 	srv *natstest.Server
 	nc  *nats.Conn
@@ -49,6 +50,25 @@ func inboxConfig(maxPerUser int64) jetstream.StreamConfig {
 	}
 }
 
+// groupLogConfig mirrors the delivery package's GROUP_LOG stream: one
+// subject per group, each group message stored once, atomic publish, direct
+// get, a per-subject cap with DiscardOld (a group's log never refuses a
+// message for being full).
+func groupLogConfig() jetstream.StreamConfig {
+	return jetstream.StreamConfig{
+		Name:               schema.StreamGroupLog,
+		Subjects:           []string{schema.SubjectGroupLogAll},
+		Storage:            jetstream.FileStorage,
+		Retention:          jetstream.LimitsPolicy,
+		MaxMsgsPerSubject:  100_000,
+		Discard:            jetstream.DiscardOld,
+		AllowAtomicPublish: true,
+		AllowDirect:        true,
+		Duplicates:         2 * time.Minute,
+		RePublish:          &jetstream.RePublish{Source: schema.SubjectGroupLogAll, Destination: schema.SubjectDeliverGroupRepub},
+	}
+}
+
 func newEnv(t testing.TB, maxPerUser int64, cfg Config) *env {
 	t.Helper()
 	srv := natstest.Start(t)
@@ -56,6 +76,9 @@ func newEnv(t testing.TB, maxPerUser int64, cfg Config) *env {
 	ctx := context.Background()
 	if _, err := js.CreateStream(ctx, inboxConfig(maxPerUser)); err != nil {
 		t.Fatalf("create inbox: %v", err)
+	}
+	if _, err := js.CreateStream(ctx, groupLogConfig()); err != nil {
+		t.Fatalf("create group log: %v", err)
 	}
 	cfg.JS = js
 	r, err := New(cfg)
@@ -175,28 +198,40 @@ func (e *env) poll(t testing.TB, what string, cond func() (bool, string)) {
 // inbox returns the messages stored in u's inbox, in stream order.
 func (e *env) inbox(t testing.TB, u schema.UserID) []*jetstream.RawStreamMsg {
 	t.Helper()
+	return e.subjectMsgs(t, schema.StreamInbox, schema.UserInbox(u))
+}
+
+// groupLog returns the messages stored for group g in GROUP_LOG, in stream
+// order.
+func (e *env) groupLog(t testing.TB, g schema.GroupID) []*jetstream.RawStreamMsg {
+	t.Helper()
+	return e.subjectMsgs(t, schema.StreamGroupLog, schema.GroupLog(g))
+}
+
+// subjectMsgs returns the messages stored on subj in stream, in order.
+func (e *env) subjectMsgs(t testing.TB, stream, subj string) []*jetstream.RawStreamMsg {
+	t.Helper()
 	ctx := context.Background()
-	subj := schema.UserInbox(u)
-	st, err := e.js.Stream(ctx, schema.StreamInbox)
+	st, err := e.js.Stream(ctx, stream)
 	if err != nil {
-		t.Fatalf("inbox stream: %v", err)
+		t.Fatalf("stream %s: %v", stream, err)
 	}
 	info, err := st.Info(ctx, jetstream.WithSubjectFilter(subj))
 	if err != nil {
-		t.Fatalf("inbox info: %v", err)
+		t.Fatalf("stream %s info: %v", stream, err)
 	}
 	want := int(info.State.Subjects[subj])
 	var out []*jetstream.RawStreamMsg
 	seq := uint64(1)
 	for len(out) < want {
-		it, err := jetstreamext.GetBatch(ctx, e.js, schema.StreamInbox, 100,
+		it, err := jetstreamext.GetBatch(ctx, e.js, stream, 100,
 			jetstreamext.GetBatchSeq(seq), jetstreamext.GetBatchSubject(subj))
 		if err != nil {
-			t.Fatalf("get batch: %v", err)
+			t.Fatalf("get batch from %s: %v", stream, err)
 		}
 		for m, err := range it {
 			if err != nil {
-				t.Fatalf("get batch: %v", err)
+				t.Fatalf("get batch from %s: %v", stream, err)
 			}
 			out = append(out, m)
 			seq = m.Sequence + 1
@@ -207,13 +242,24 @@ func (e *env) inbox(t testing.TB, u schema.UserID) []*jetstream.RawStreamMsg {
 
 func (e *env) inboxTotal(t testing.TB) uint64 {
 	t.Helper()
-	st, err := e.js.Stream(context.Background(), schema.StreamInbox)
+	return e.streamMsgs(t, schema.StreamInbox)
+}
+
+func (e *env) groupLogTotal(t testing.TB) uint64 {
+	t.Helper()
+	return e.streamMsgs(t, schema.StreamGroupLog)
+}
+
+// streamMsgs returns the number of messages stored in stream.
+func (e *env) streamMsgs(t testing.TB, stream string) uint64 {
+	t.Helper()
+	st, err := e.js.Stream(context.Background(), stream)
 	if err != nil {
-		t.Fatalf("inbox stream: %v", err)
+		t.Fatalf("stream %s: %v", stream, err)
 	}
 	info, err := st.Info(context.Background())
 	if err != nil {
-		t.Fatalf("inbox info: %v", err)
+		t.Fatalf("stream %s info: %v", stream, err)
 	}
 	return info.State.Msgs
 }
@@ -225,6 +271,36 @@ func (e *env) waitInbox(t testing.TB, u schema.UserID, n int) []*jetstream.RawSt
 		return got >= n, fmt.Sprintf("%d messages", got)
 	})
 	return e.inbox(t, u)
+}
+
+func (e *env) waitGroupLog(t testing.TB, g schema.GroupID, n int) []*jetstream.RawStreamMsg {
+	t.Helper()
+	e.poll(t, fmt.Sprintf("%d messages of group %s", n, g), func() (bool, string) {
+		got := len(e.groupLog(t, g))
+		return got >= n, fmt.Sprintf("%d messages", got)
+	})
+	return e.groupLog(t, g)
+}
+
+// wantGroupCopy checks that raw is the one stored copy of group message m
+// (sent as the bytes sent): the unchanged bytes, with the sender's token in
+// the Vartalap-Sender header and the group de-duplication id.
+func wantGroupCopy(t testing.TB, raw *jetstream.RawStreamMsg, m *schema.Message, sent []byte) {
+	t.Helper()
+	g, from := schema.GroupID(m.Destination), schema.UserID(m.Source)
+	if raw.Subject != schema.GroupLog(g) {
+		t.Errorf("group copy on %s, want %s", raw.Subject, schema.GroupLog(g))
+	}
+	if !bytes.Equal(raw.Data, sent) {
+		t.Errorf("group copy of %s differs from the published bytes", m.ID)
+	}
+	if s := raw.Header.Get(schema.HeaderSender); s != schema.Token(from) {
+		t.Errorf("group copy %s header %q, want %q", schema.HeaderSender, s, schema.Token(from))
+	}
+	wantID := "g:" + schema.Token(g) + ":" + schema.Token(from) + ":" + m.ID
+	if id := raw.Header.Get(schema.HeaderMsgID); id != wantID {
+		t.Errorf("group copy Nats-Msg-Id %q, want %q", id, wantID)
+	}
 }
 
 func decode(t testing.TB, data []byte) *schema.Message {
@@ -439,7 +515,7 @@ func TestDedupe(t *testing.T) {
 		one := msg("alice", "bob", "crash-1", schema.ChannelIndividual)
 		grp := msg("alice", "g1", "crash-2", schema.ChannelGroup)
 		e.publishIn(t, one)
-		e.publishIn(t, grp)
+		grpSent := e.publishIn(t, grp)
 
 		// A router stores the copies and dies before acking.
 		ctx := context.Background()
@@ -467,8 +543,8 @@ func TestDedupe(t *testing.T) {
 				t.Fatalf("first attempt: done %v failed %v", it.done, it.failed)
 			}
 		}
-		if n := e.inboxTotal(t); n != 4 {
-			t.Fatalf("after the first attempt the inbox holds %d messages, want 4", n)
+		if n, g := e.inboxTotal(t), e.groupLogTotal(t); n != 1 || g != 1 {
+			t.Fatalf("after the first attempt the inbox holds %d messages and the group log %d, want 1 and 1", n, g)
 		}
 		// The server redelivers once the ack wait expires; Nak stands in
 		// for the 30 s wait.
@@ -480,11 +556,20 @@ func TestDedupe(t *testing.T) {
 
 		e.start(t)
 		e.waitChatInEmpty(t)
-		want := map[schema.UserID]int{"bob": 2, "carol": 1, "dave": 1, "alice": 0}
+		want := map[schema.UserID]int{"bob": 1, "carol": 0, "dave": 0, "alice": 0}
 		for u, n := range want {
 			if got := len(e.inbox(t, u)); got != n {
 				t.Errorf("%s has %d messages, want %d", u, got, n)
 			}
+		}
+		// The group message is stored once, on the group's log only.
+		if got := e.groupLog(t, "g1"); len(got) != 1 {
+			t.Errorf("group log holds %d messages, want 1", len(got))
+		} else {
+			wantGroupCopy(t, got[0], grp, grpSent)
+		}
+		if n, g := e.inboxTotal(t), e.groupLogTotal(t); n != 1 || g != 1 {
+			t.Errorf("inbox holds %d messages and the group log %d, want 1 and 1", n, g)
 		}
 		info, err := cons.Info(ctx)
 		if err != nil {
@@ -497,22 +582,26 @@ func TestDedupe(t *testing.T) {
 	})
 }
 
+// A group message from a current member is stored once, on the group's
+// GROUP_LOG subject, whatever the number of members; no member gets an INBOX
+// copy. Refusals are notices in the sender's inbox and store nothing in
+// GROUP_LOG.
 func TestGroup(t *testing.T) {
 	l := &lister{groups: map[schema.GroupID][]schema.UserID{
 		"team":  users("alice", "bob", "carol", "bob", "alice", "dave"),
 		"solo":  users("alice"),
 		"other": users("bob", "carol"),
+		"intl":  users("+919999999999", "bob@example.com"),
 	}}
 	tests := []struct {
 		name   string
 		from   string
 		group  string
-		want   map[schema.UserID]int // copies of the message per user
-		notice string                // code of the notice to the sender
+		notice string // code of the notice to the sender; "": stored in GROUP_LOG
 	}{
-		{name: "fan-out de-duplicated", from: "alice", group: "team",
-			want: map[schema.UserID]int{"bob": 1, "carol": 1, "dave": 1}},
-		{name: "member alone", from: "alice", group: "solo", want: map[schema.UserID]int{}},
+		{name: "members", from: "alice", group: "team"},
+		{name: "member alone", from: "alice", group: "solo"},
+		{name: "encoded ids", from: "+919999999999", group: "intl"},
 		{name: "non-member", from: "alice", group: "other", notice: schema.CodeNotMember},
 		{name: "unknown group", from: "alice", group: "nope", notice: schema.CodeUnknownGroup},
 		{name: "invalid group id", from: "alice", group: "a.b", notice: schema.CodeBadTo},
@@ -525,37 +614,151 @@ func TestGroup(t *testing.T) {
 			sent := e.publishIn(t, m)
 			e.waitChatInEmpty(t)
 
-			total := 0
-			for u, n := range tc.want {
-				got := e.inbox(t, u)
-				if len(got) != n {
-					t.Errorf("%s has %d copies, want %d", u, len(got), n)
-				}
-				for _, c := range got {
-					if !bytes.Equal(c.Data, sent) {
-						t.Errorf("%s: copy differs from the published bytes", u)
-					}
-					if d := decode(t, c.Data).Destination; d != tc.group {
-						t.Errorf("%s: destination %q, want the group id", u, d)
-					}
-				}
-				total += n
-			}
 			senderInbox := e.inbox(t, schema.UserID(tc.from))
 			if tc.notice != "" {
-				total++
 				if len(senderInbox) != 1 {
 					t.Fatalf("sender has %d messages, want 1 notice", len(senderInbox))
 				}
 				wantNotice(t, senderInbox[0], tc.from, m.ID, tc.notice)
-			} else if len(senderInbox) != 0 {
-				t.Errorf("sender has %d messages, want none", len(senderInbox))
+				if n := e.inboxTotal(t); n != 1 {
+					t.Errorf("inbox holds %d messages, want the notice", n)
+				}
+				if n := e.groupLogTotal(t); n != 0 {
+					t.Errorf("group log holds %d messages, want none", n)
+				}
+				return
 			}
-			if n := e.inboxTotal(t); n != uint64(total) {
-				t.Errorf("inbox holds %d messages, want %d", n, total)
+			got := e.groupLog(t, schema.GroupID(tc.group))
+			if len(got) != 1 {
+				t.Fatalf("group log of %s holds %d messages, want 1", tc.group, len(got))
+			}
+			wantGroupCopy(t, got[0], m, sent)
+			if d := decode(t, got[0].Data).Destination; d != tc.group {
+				t.Errorf("destination %q, want the group id", d)
+			}
+			if n := e.groupLogTotal(t); n != 1 {
+				t.Errorf("group log holds %d messages, want 1", n)
+			}
+			if n := e.inboxTotal(t); n != 0 {
+				t.Errorf("inbox holds %d messages, want none (no per-member copies, no notice)", n)
 			}
 		})
 	}
+}
+
+// A resend of a group message (same sender and client id, new server id), in
+// a later CHAT_IN message, a gateway batch or the same batch, is stored once:
+// the first one. The same client id from another sender, or to another
+// group, is another message.
+func TestGroupResendStoredOnce(t *testing.T) {
+	l := &lister{groups: map[schema.GroupID][]schema.UserID{
+		"team": users("alice", "bob", "carol"),
+		"pair": users("alice", "bob"),
+	}}
+	e := newEnv(t, 100, Config{Groups: l})
+	e.start(t)
+	first := msg("alice", "team", "dup", schema.ChannelGroup)
+	sent := e.publishIn(t, first)
+	e.waitGroupLog(t, "team", 1)
+	again := msg("alice", "team", "dup", schema.ChannelGroup) // new ServerID
+	e.publishIn(t, again)
+	e.publishBatch(t, again.MarshalProto(), again.MarshalProto())
+	// A round large enough for an atomic batch, holding resends too.
+	fromBob := msg("bob", "team", "dup", schema.ChannelGroup)
+	bobSent := fromBob.MarshalProto()
+	toPair := msg("alice", "pair", "dup", schema.ChannelGroup)
+	pairSent := toPair.MarshalProto()
+	n1 := msg("carol", "team", "n1", schema.ChannelGroup)
+	n2 := msg("carol", "team", "n2", schema.ChannelGroup)
+	e.publishBatch(t, bobSent, again.MarshalProto(), pairSent, n1.MarshalProto(), again.MarshalProto(), n2.MarshalProto())
+	e.waitChatInEmpty(t)
+
+	team := e.groupLog(t, "team")
+	if len(team) != 4 {
+		t.Fatalf("group log of team holds %d messages, want 4 (alice's first dup, bob's, n1, n2)", len(team))
+	}
+	wantGroupCopy(t, team[0], first, sent)
+	wantGroupCopy(t, team[1], fromBob, bobSent)
+	wantGroupCopy(t, team[2], n1, n1.MarshalProto())
+	wantGroupCopy(t, team[3], n2, n2.MarshalProto())
+	pair := e.groupLog(t, "pair")
+	if len(pair) != 1 {
+		t.Fatalf("group log of pair holds %d messages, want 1", len(pair))
+	}
+	wantGroupCopy(t, pair[0], toPair, pairSent)
+	if n := e.inboxTotal(t); n != 0 {
+		t.Errorf("inbox holds %d messages, want none", n)
+	}
+}
+
+// A round with more group messages than are published one by one writes
+// them as an atomic batch on GROUP_LOG, next to its own atomic batch on
+// INBOX (an atomic batch spans one stream): nothing is rejected and retried
+// one by one, and each group's log holds its messages in CHAT_IN order.
+func TestGroupAtomicBatch(t *testing.T) {
+	l := &lister{groups: map[schema.GroupID][]schema.UserID{
+		"team":  users("alice", "bob", "carol"),
+		"other": users("bob", "carol"),
+	}}
+	logs := &logBuffer{}
+	e := newEnv(t, 100, Config{Groups: l, Logger: slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))})
+	var entries [][]byte
+	var team, other []*schema.Message
+	// smallBatch+1 messages of each kind: both streams get an atomic batch.
+	for i := range 3 * (smallBatch + 1) {
+		var m *schema.Message
+		switch i % 3 {
+		case 0:
+			m = msg("alice", "team", fmt.Sprintf("t%d", i), schema.ChannelGroup)
+			team = append(team, m)
+		case 1:
+			m = msg("bob", "other", fmt.Sprintf("o%d", i), schema.ChannelGroup)
+			other = append(other, m)
+		default:
+			m = msg("carol", "dave", fmt.Sprintf("d%d", i), schema.ChannelIndividual)
+		}
+		entries = append(entries, m.MarshalProto())
+	}
+	e.publishBatch(t, entries...)
+	e.start(t)
+	e.waitChatInEmpty(t)
+
+	for g, want := range map[schema.GroupID][]*schema.Message{"team": team, "other": other} {
+		got := e.groupLog(t, g)
+		if len(got) != len(want) {
+			t.Fatalf("group log of %s holds %d messages, want %d", g, len(got), len(want))
+		}
+		for i, m := range want {
+			wantGroupCopy(t, got[i], m, m.MarshalProto())
+		}
+	}
+	if n := len(e.inbox(t, "dave")); n != smallBatch+1 {
+		t.Errorf("dave has %d messages, want %d", n, smallBatch+1)
+	}
+	if n := e.inboxTotal(t); n != smallBatch+1 {
+		t.Errorf("inbox holds %d messages, want only dave's %d", n, smallBatch+1)
+	}
+	if s := logs.String(); strings.Contains(s, "atomic batch rejected") {
+		t.Errorf("an atomic batch was rejected:\n%s", s)
+	}
+}
+
+// logBuffer is a log destination safe for concurrent use.
+type logBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *logBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *logBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
 }
 
 func TestGroupWithoutLister(t *testing.T) {
@@ -564,7 +767,11 @@ func TestGroupWithoutLister(t *testing.T) {
 	m := msg("alice", "team", "nolister", schema.ChannelGroup)
 	e.publishIn(t, m)
 	got := e.waitInbox(t, "alice", 1)
+	e.waitChatInEmpty(t)
 	wantNotice(t, got[0], "alice", m.ID, schema.CodeUnknownGroup)
+	if n := e.groupLogTotal(t); n != 0 {
+		t.Errorf("group log holds %d messages, want none", n)
+	}
 }
 
 func TestBadDestination(t *testing.T) {
@@ -586,19 +793,24 @@ func TestGroupLookupRetried(t *testing.T) {
 	e.start(t)
 	m := msg("alice", "team", "retry", schema.ChannelGroup)
 	sent := e.publishIn(t, m)
-	got := e.waitInbox(t, "bob", 1)
+	got := e.waitGroupLog(t, "team", 1)
 	e.waitChatInEmpty(t)
-	if !bytes.Equal(got[0].Data, sent) {
-		t.Error("copy differs from the published bytes")
+	if len(got) != 1 {
+		t.Fatalf("group log holds %d messages, want 1", len(got))
 	}
+	wantGroupCopy(t, got[0], m, sent)
 	if c := l.callCount(); c != 2 {
 		t.Errorf("lister called %d times, want 2 (one failure, one retry)", c)
 	}
-	if n := len(e.inbox(t, "alice")); n != 0 {
-		t.Errorf("sender got %d messages, want none", n)
+	if n := e.inboxTotal(t); n != 0 {
+		t.Errorf("inbox holds %d messages, want none (no member copies, no notice)", n)
 	}
 }
 
+// A direct message to a full inbox is answered with inbox_full; the other
+// messages of the round are stored. A group message never is: it goes to the
+// group's log, which drops its oldest messages instead of refusing, whatever
+// the state of the members' inboxes.
 func TestInboxFull(t *testing.T) {
 	l := &lister{groups: map[schema.GroupID][]schema.UserID{"team": users("alice", "bob", "carol")}}
 	e := newEnv(t, 2, Config{Groups: l})
@@ -611,27 +823,27 @@ func TestInboxFull(t *testing.T) {
 	grp := msg("alice", "team", "full-1", schema.ChannelGroup)
 	toBob := msg("dave", "bob", "full-2", schema.ChannelIndividual)
 	toCarol := msg("dave", "carol", "full-3", schema.ChannelIndividual)
-	e.publishIn(t, grp)
+	grpSent := e.publishIn(t, grp)
 	e.publishIn(t, toBob)
 	sent := e.publishIn(t, toCarol)
 	e.start(t)
 	e.waitChatInEmpty(t)
 
-	carol := e.inbox(t, "carol")
-	if len(carol) != 2 {
-		t.Fatalf("carol has %d messages, want 2", len(carol))
+	team := e.groupLog(t, "team")
+	if len(team) != 1 {
+		t.Fatalf("group log holds %d messages, want 1", len(team))
 	}
-	if !bytes.Equal(carol[1].Data, sent) || decode(t, carol[0].Data).ID != grp.ID {
-		t.Error("carol's inbox does not hold the group copy then dave's message")
+	wantGroupCopy(t, team[0], grp, grpSent)
+	carol := e.inbox(t, "carol")
+	if len(carol) != 1 || !bytes.Equal(carol[0].Data, sent) {
+		t.Errorf("carol has %d messages, want only dave's", len(carol))
 	}
 	if n := len(e.inbox(t, "bob")); n != 2 {
 		t.Errorf("bob has %d messages, want his 2 old ones", n)
 	}
-	alice := e.inbox(t, "alice")
-	if len(alice) != 1 {
-		t.Fatalf("alice has %d messages, want 1 notice", len(alice))
+	if n := len(e.inbox(t, "alice")); n != 0 {
+		t.Errorf("alice has %d messages, want none (no inbox_full for a group message)", n)
 	}
-	wantNotice(t, alice[0], "alice", grp.ID, schema.CodeInboxFull)
 	dave := e.inbox(t, "dave")
 	if len(dave) != 1 {
 		t.Fatalf("dave has %d messages, want 1 notice", len(dave))
@@ -792,8 +1004,8 @@ func TestEphemeral(t *testing.T) {
 					t.Errorf("%s received %d copies, want %d", u, got, want)
 				}
 			}
-			if n := e.inboxTotal(t); n != 0 {
-				t.Errorf("inbox holds %d messages, want 0", n)
+			if n, g := e.inboxTotal(t), e.groupLogTotal(t); n != 0 || g != 0 {
+				t.Errorf("inbox holds %d messages and the group log %d, want none", n, g)
 			}
 		})
 	}

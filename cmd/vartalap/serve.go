@@ -194,11 +194,30 @@ func build(ctx context.Context, c *serveConfig, nc *nats.Conn, js jetstream.JetS
 		authn = profile.NewClient(nc, 5*time.Second)
 	}
 
+	if c.has("groups") {
+		g, err := groups.New(groups.Config{JS: js, NC: nc, Logger: log.With("service", "groups"), Auth: authn,
+			Replicas: c.Replicas, Retention: c.Retention})
+		if err != nil {
+			return nil, fmt.Errorf("groups: %w", err)
+		}
+		if err := g.Setup(setupCtx); err != nil {
+			return nil, fmt.Errorf("groups setup: %w", err)
+		}
+		a.groups = g
+	}
+
+	// Membership, for the router, delivery and push: the groups service of
+	// this process, or the one elsewhere over NATS.
+	var members groupsSource = groups.NewClient(nc, 5*time.Second)
+	if a.groups != nil {
+		members = a.groups
+	}
+
 	if c.has("delivery") || c.has("gateway") || c.has("push") {
 		d, err := delivery.New(delivery.Config{
 			JS: js, NC: nc, Logger: log.With("service", "delivery"),
 			Node: c.Node, Retention: c.Retention, Replicas: c.Replicas, Metrics: reg,
-			DeviceIdle: deviceIdle(c.DeviceIdle),
+			DeviceIdle: deviceIdle(c.DeviceIdle), Groups: members,
 		})
 		if err != nil {
 			return nil, fmt.Errorf("delivery: %w", err)
@@ -211,22 +230,7 @@ func build(ctx context.Context, c *serveConfig, nc *nats.Conn, js jetstream.JetS
 		a.delivery = d
 	}
 
-	if c.has("groups") {
-		g, err := groups.New(groups.Config{JS: js, NC: nc, Logger: log.With("service", "groups"), Auth: authn, Replicas: c.Replicas})
-		if err != nil {
-			return nil, fmt.Errorf("groups: %w", err)
-		}
-		if err := g.Setup(setupCtx); err != nil {
-			return nil, fmt.Errorf("groups setup: %w", err)
-		}
-		a.groups = g
-	}
-
 	if c.has("router") {
-		var members memberLister = groups.NewClient(nc, 5*time.Second)
-		if a.groups != nil {
-			members = a.groups
-		}
 		r, err := router.New(router.Config{JS: js, NC: nc, Logger: log.With("service", "router"), Replicas: c.Replicas,
 			Groups: groupsAdapter{members}, Metrics: reg})
 		if err != nil {
@@ -283,6 +287,7 @@ func build(ctx context.Context, c *serveConfig, nc *nats.Conn, js jetstream.JetS
 		p, err := push.New(push.Config{
 			JS: js, Logger: log.With("service", "push"),
 			Presence: a.delivery, Devices: pushDevices{devs}, Sender: sender, TTL: c.PushTTL,
+			Groups: members, IsNoGroup: func(err error) bool { return errors.Is(err, groups.ErrNotFound) },
 			Metrics: reg,
 		})
 		if err != nil {
@@ -575,14 +580,15 @@ func (a deliveryAdapter) AckByID(ctx context.Context, u schema.UserID, dev schem
 	return a.d.AckByID(ctx, u, dev, ids)
 }
 
-// memberLister is what both groups.Service and groups.Client offer.
-type memberLister interface {
+// groupsSource is what both groups.Service and groups.Client offer.
+type groupsSource interface {
 	Members(ctx context.Context, g schema.GroupID) ([]schema.UserID, error)
+	Memberships(ctx context.Context, u schema.UserID) ([]schema.Membership, error)
 }
 
 // groupsAdapter gives the router the groups service's membership, mapping
 // the groups package's not-found error to the router's.
-type groupsAdapter struct{ m memberLister }
+type groupsAdapter struct{ m groupsSource }
 
 func (a groupsAdapter) Members(ctx context.Context, g schema.GroupID) ([]schema.UserID, error) {
 	ms, err := a.m.Members(ctx, g)
