@@ -123,3 +123,114 @@ func TestGroupsEndToEnd(t *testing.T) {
 	}
 	carol.expectNothing(500 * time.Millisecond)
 }
+
+// Group messages are stored once (GROUP_LOG) and each member sees exactly
+// what was sent while it was a member: a connected user added to a group
+// gets what follows its add, not what preceded it; a member removed and
+// added again while offline gets what was sent in its two memberships and
+// not what was sent in between; acked group messages are not delivered
+// again after a reconnect or a server restart.
+func TestGroupMembershipEpochsEndToEnd(t *testing.T) {
+	dir := t.TempDir()
+	s := startServer(t, dir)
+	keys := map[string]string{}
+	for _, u := range []string{"alice", "bob", "carol"} {
+		keys[u] = login(t, s, u, "d1")
+	}
+	alice := dial(t, s, "alice", keys["alice"], false)
+	bob := dial(t, s, "bob", keys["bob"], true)
+	carol := dial(t, s, "carol", keys["carol"], false)
+
+	var created struct {
+		GroupID string `json:"groupId"`
+	}
+	if code := call(t, "POST", s.URL+"/v1.0/groups/", authHeaders("alice", keys["alice"]),
+		map[string]any{"name": "epochs", "members": []string{"bob"}}, &created); code != 200 {
+		t.Fatalf("create: %d", code)
+	}
+	gid := created.GroupID
+	members := func(method string, body map[string]any) {
+		t.Helper()
+		if code := call(t, method, s.URL+"/groups/"+gid+"/members", authHeaders("alice", keys["alice"]), body, nil); code != 200 {
+			t.Fatalf("%s members %v: %d", method, body, code)
+		}
+	}
+	// expectIDs reads c's messages (acking each) until it has every id in
+	// want, in order, skipping the group events.
+	expectIDs := func(c *client, want ...string) {
+		t.Helper()
+		var got []string
+		for len(got) < len(want) {
+			m := c.expect(wait)
+			c.ack(m.ID)
+			if m.Type == schema.TypeNotification {
+				continue
+			}
+			got = append(got, m.ID)
+		}
+		if fmt.Sprint(got) != fmt.Sprint(want) {
+			t.Fatalf("%s got %v, want %v", c.user, got, want)
+		}
+	}
+	send := func(id string) {
+		t.Helper()
+		alice.sendGroup(id, gid, "text "+id)
+		for { // acking the group events alice gets meanwhile
+			m, ok := alice.next(wait)
+			switch {
+			case !ok:
+				t.Fatalf("no SERVER_ACK for %s", id)
+			case m.Type == schema.TypeServerAck && m.ID == id:
+				return
+			case m.Type == schema.TypeNotification:
+				alice.ack(m.ID)
+			case m.Type != schema.TypeServerAck:
+				t.Fatalf("alice got %+v", m)
+			}
+		}
+	}
+
+	send("m1")
+	expectIDs(bob, "m1")
+	members("POST", map[string]any{"members": []string{"carol"}})
+	if ev := carol.expect(wait); ev.Action() != "add" {
+		t.Fatalf("carol: %+v", ev)
+	}
+	send("m2")
+	expectIDs(bob, "m2")
+	expectIDs(carol, "m2") // not m1: sent before she was added
+	carol.expectNothing(200 * time.Millisecond)
+
+	// Bob goes offline, is removed and added again; m4 is sent in between.
+	// Membership applies when a message is routed (stored in GROUP_LOG),
+	// not when its SERVER_ACK is sent: carol's copy shows it was routed
+	// before the next change.
+	bob.Close()
+	send("m3")
+	expectIDs(carol, "m3")
+	members("DELETE", map[string]any{"member": "bob"})
+	send("m4")
+	expectIDs(carol, "m4")
+	members("POST", map[string]any{"members": []string{"bob"}})
+	send("m5")
+	expectIDs(carol, "m5")
+	bob = dial(t, s, "bob", keys["bob"], true)
+	expectIDs(bob, "m3", "m5") // m4 was sent while he was out
+	bob.expectNothing(300 * time.Millisecond)
+	bob.Close()
+	carol.Close()
+	alice.Close()
+
+	// A restart changes nothing: acked messages stay acked.
+	if err := s.Stop(); err != nil {
+		t.Fatalf("stop: %v", err)
+	}
+	s = startServer(t, dir)
+	bob = dial(t, s, "bob", keys["bob"], false)
+	carol = dial(t, s, "carol", keys["carol"], false)
+	alice = dial(t, s, "alice", keys["alice"], false)
+	send("m6")
+	expectIDs(bob, "m6")
+	expectIDs(carol, "m6")
+	bob.expectNothing(300 * time.Millisecond)
+}
