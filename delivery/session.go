@@ -46,38 +46,53 @@ type Session struct {
 
 	mu          sync.Mutex
 	inq         []liveMsg // live messages from the dispatcher, bounded
-	inqBytes    int
-	overflow    bool // live messages were lost: re-read the streams
 	acks        []string
-	closing     bool
-	closeCode   int
 	closeReason string
 	flushed     *flushResult // outcome of the background cursor write, for the worker
-	ready       bool         // Open has loaded the cursor: the worker may start
-	woken       bool         // work is pending for the worker
-	working     bool         // the worker goroutine runs
-	finished    bool         // the last worker has finished: start no other
+	inqBytes    int32        // bounded by Service.queueBytes
+	closeCode   int16        // a WebSocket close code
+	overflow    bool         // live messages were lost: re-read the streams
+	closing     bool
+	ready       bool // Open has loaded the cursor: the worker may start
+	woken       bool // work is pending for the worker
+	working     bool // the worker goroutine runs
+	finished    bool // the last worker has finished: start no other
 
 	// Owned by the worker goroutine (one at a time; handed over under mu).
-	inbox     lane                   // the user's INBOX subject
-	groups    []*lane                // the user's GROUP_LOG subjects (ADR 4)
-	inFlight  int                    // delivered, unacked messages over all lanes
-	groupCur  map[string]*laneCursor // stored group cursors not yet turned into lanes
-	stale     bool                   // memberships must be (re)loaded: at start, after a group event
-	refreshAt time.Time              // after a failed membership load: when to try again
-	refreshBo time.Duration          // its backoff
-	dropped   []schema.GroupID       // group lanes ended since the last cursor write: forget their cursors
-	dirty     bool                   // cursor changed since the last flush
-	forgotten bool                   // the device's cursor was dropped (logout)
+	// (Fields are ordered to pack: an idle session's size matters.)
+	inbox     lane       // the user's INBOX subject
+	groups    []*lane    // the user's GROUP_LOG subjects (ADR 4)
+	gs        *groupsAux // the rest of the group state; nil until needed
+	inFlight  int        // delivered, unacked messages over all lanes
 	lastFlush time.Time
 	lastPurge time.Time
 	unpurged  int         // inbox acks applied since the last purge
-	purgeDue  bool        // a flush skipped its purge (too soon after the last): purge at lastPurge+purgeEvery
 	timer     *time.Timer // signals the worker when the next redelivery, flush or retry is due
 	spareQ    []liveMsg
 	spareAcks []string
+	bgDone    chan struct{} // closed when the background cursor write ends
+	stale     bool          // memberships must be (re)loaded: at start, after a group event
+	dirty     bool          // cursor changed since the last flush
+	forgotten bool          // the device's cursor was dropped (logout)
+	purgeDue  bool          // a flush skipped its purge (too soon after the last): purge at lastPurge+purgeEvery
 	flushing  bool          // a background cursor write (or purge) runs
-	bgDone    chan struct{} // closed when it ends
+}
+
+// groupsAux is the part of a session's group state that most sessions
+// never need, allocated on first use.
+type groupsAux struct {
+	cur       map[string]*laneCursor // stored group cursors not (or no longer) lanes
+	refreshAt time.Time              // after a failed membership load: when to try again
+	refreshBo time.Duration          // its backoff
+	dropped   []schema.GroupID       // groups gone since the last cursor write: forget their cursors
+}
+
+// aux returns ss.gs, allocating it.
+func (ss *Session) aux() *groupsAux {
+	if ss.gs == nil {
+		ss.gs = &groupsAux{}
+	}
+	return ss.gs
 }
 
 // liveMsg is a live message queued for a session; dec is its decoded
@@ -92,20 +107,27 @@ type liveMsg struct {
 // its own position and window; the window bound (Config.MaxInFlight) is
 // over all lanes.
 type lane struct {
-	stream  string              // schema.StreamInbox or schema.StreamGroupLog
 	subject string              // its subject in the stream
 	live    string              // the core subject its live messages arrive on
 	group   schema.GroupID      // "" for the inbox
-	member  schema.Membership   // group lanes: the sequences the user may see
-	joined  bool                // group lanes: subscribed to live
+	member  *schema.Membership  // group lanes: the sequences the user may see
 	floor   uint64              // every seq <= floor is acked by the device
 	next    uint64              // highest seq handed to the sink (or skipped)
 	acked   map[uint64]struct{} // acked seqs above floor
 	flight  []inflight          // delivered, unacked; ascending seq
-	behind  bool                // the stream may hold messages after next not yet sent
-	ended   bool                // group lanes: membership over and read to its end
 	retryAt time.Time           // after a read error: when to read again
 	backoff time.Duration
+	behind  bool // the stream may hold messages after next not yet sent
+	joined  bool // group lanes: subscribed to live
+	ended   bool // group lanes: membership over and read to its end
+}
+
+// stream returns the lane's stream.
+func (l *lane) stream() string {
+	if l.group == "" {
+		return schema.StreamInbox
+	}
+	return schema.StreamGroupLog
 }
 
 // flushResult is the outcome of a background cursor write.
@@ -134,7 +156,6 @@ func newSession(s *Service, user schema.UserID, device schema.DeviceID, sink Sin
 		sink:   sink,
 		done:   make(chan struct{}),
 		inbox: lane{
-			stream:  schema.StreamInbox,
 			subject: schema.UserInbox(user),
 			live:    schema.Deliver(user),
 		},
@@ -152,7 +173,9 @@ func (ss *Session) ID() string { return ss.id }
 // are made by the worker's first step, which loads the memberships.
 func (ss *Session) init(c deviceCursor) {
 	ss.inbox.load(c.Floor, c.Acked)
-	ss.groupCur = c.Groups
+	if len(c.Groups) > 0 {
+		ss.aux().cur = c.Groups
+	}
 	ss.stale = ss.s.cfg.Groups != nil
 	ss.lastFlush = time.Now()
 }
@@ -204,11 +227,11 @@ func (ss *Session) push(m *nats.Msg, dec *schema.Message) {
 	ss.mu.Lock()
 	switch {
 	case ss.closing:
-	case len(ss.inq) >= ss.s.queueMsgs || ss.inqBytes+len(m.Data) > ss.s.queueBytes:
+	case len(ss.inq) >= ss.s.queueMsgs || int(ss.inqBytes)+len(m.Data) > ss.s.queueBytes:
 		ss.overflow = true
 	default:
 		ss.inq = append(ss.inq, liveMsg{m, dec})
-		ss.inqBytes += len(m.Data)
+		ss.inqBytes += int32(len(m.Data))
 	}
 	ss.mu.Unlock()
 	ss.signal()
@@ -249,7 +272,7 @@ func (ss *Session) Close() {
 func (ss *Session) terminate(code int, reason string) {
 	ss.mu.Lock()
 	if !ss.closing {
-		ss.closing, ss.closeCode, ss.closeReason = true, code, reason
+		ss.closing, ss.closeCode, ss.closeReason = true, int16(code), reason
 	}
 	ss.mu.Unlock()
 	ss.signal()
@@ -310,7 +333,7 @@ func (ss *Session) step() bool {
 		}
 	}
 	now := time.Now()
-	if ss.stale && !now.Before(ss.refreshAt) {
+	if ss.stale && !now.Before(ss.refreshTime()) {
 		ss.refreshGroups()
 	}
 	if ss.inFlight > 0 {
@@ -398,7 +421,7 @@ func (ss *Session) arm() {
 		}
 	}
 	if ss.stale {
-		earlier(ss.refreshAt) // zero (now) after a group event
+		earlier(ss.refreshTime()) // zero (now) unless a load failed
 	}
 	if ss.purgeDue && !ss.dirty {
 		earlier(ss.lastPurge.Add(ss.s.purgeEvery))
@@ -515,7 +538,10 @@ func (ss *Session) send(l *lane, seq uint64, hdr nats.Header, data []byte, dec *
 	if l.group == "" && isMembershipEvent(msg) {
 		// The user's groups changed: reload them (the event is stored
 		// after the change, so the load sees it).
-		ss.stale, ss.refreshAt = true, time.Time{}
+		ss.stale = true
+		if ss.gs != nil {
+			ss.gs.refreshAt, ss.gs.refreshBo = time.Time{}, 0
+		}
 	}
 	if !ss.sink.Deliver(msg) {
 		ss.slowConsumer()
@@ -552,7 +578,7 @@ func (ss *Session) slowConsumer() {
 func (ss *Session) fill(l *lane) bool {
 	dead, full, over := false, false, false
 	room := ss.s.cfg.MaxInFlight - ss.inFlight
-	end, err := ss.s.scan(ss.ctx, l.stream, l.subject, l.next+1, min(room, 256), func(m *jetstream.RawStreamMsg) bool {
+	end, err := ss.s.scan(ss.ctx, l.stream(), l.subject, l.next+1, min(room, 256), func(m *jetstream.RawStreamMsg) bool {
 		if m.Sequence <= l.next {
 			return true
 		}
@@ -618,7 +644,7 @@ func (ss *Session) redeliverLane(l *lane, now time.Time) bool {
 	last := due[len(due)-1]
 	seen := make(map[uint64]bool, len(due))
 	dead := false
-	_, err := ss.s.scan(ss.ctx, l.stream, l.subject, due[0], min(len(l.flight)+len(l.acked), 256), func(m *jetstream.RawStreamMsg) bool {
+	_, err := ss.s.scan(ss.ctx, l.stream(), l.subject, due[0], min(len(l.flight)+len(l.acked), 256), func(m *jetstream.RawStreamMsg) bool {
 		if m.Sequence > last {
 			return false
 		}
@@ -767,13 +793,17 @@ func (ss *Session) refreshGroups() {
 	cancel()
 	if err != nil {
 		if ss.ctx.Err() == nil {
-			ss.refreshBo = min(max(2*ss.refreshBo, 500*time.Millisecond), 30*time.Second)
-			ss.refreshAt = time.Now().Add(ss.refreshBo)
+			g := ss.aux()
+			g.refreshBo = min(max(2*g.refreshBo, 500*time.Millisecond), 30*time.Second)
+			g.refreshAt = time.Now().Add(g.refreshBo)
 			ss.s.log.Warn("load memberships", "user", ss.user, "err", err)
 		}
 		return
 	}
-	ss.stale, ss.refreshAt, ss.refreshBo = false, time.Time{}, 0
+	ss.stale = false
+	if ss.gs != nil {
+		ss.gs.refreshAt, ss.gs.refreshBo = time.Time{}, 0
+	}
 	want := make(map[schema.GroupID]schema.Membership, len(ms))
 	for _, m := range ms {
 		if m.Group.Valid() && len(m.Epochs) > 0 {
@@ -790,34 +820,39 @@ func (ss *Session) refreshGroups() {
 			continue
 		}
 		if !slices.Equal(l.member.Epochs, m.Epochs) {
-			l.member, l.ended, l.behind = m, false, true
+			l.member, l.ended, l.behind = &m, false, true
 		}
 		ss.subscribe(l)
 		kept = append(kept, l)
 	}
 	clear(ss.groups[len(kept):])
 	ss.groups = kept
-	for g := range ss.groupCur {
-		if _, ok := want[schema.GroupID(g)]; !ok {
-			ss.forget(schema.GroupID(g))
+	if ss.gs != nil {
+		for g := range ss.gs.cur {
+			if _, ok := want[schema.GroupID(g)]; !ok {
+				ss.forget(schema.GroupID(g))
+			}
 		}
 	}
 	for g, m := range want {
 		floor := m.Start()
 		var acked []uint64
-		if c := ss.groupCur[string(g)]; c != nil {
-			floor, acked = max(floor, c.Floor), c.Acked
+		if ss.gs != nil {
+			if c := ss.gs.cur[string(g)]; c != nil {
+				floor, acked = max(floor, c.Floor), c.Acked
+			}
 		}
 		if !m.Current() && floor+1 >= m.End() {
 			continue // read to its end already: keep the cursor, no lane
 		}
-		delete(ss.groupCur, string(g))
+		if ss.gs != nil {
+			delete(ss.gs.cur, string(g))
+		}
 		l := &lane{
-			stream:  schema.StreamGroupLog,
 			subject: schema.GroupLog(g),
 			live:    schema.DeliverGroup(g),
 			group:   g,
-			member:  m,
+			member:  &m,
 		}
 		l.load(floor, acked)
 		ss.subscribe(l)
@@ -827,9 +862,29 @@ func (ss *Session) refreshGroups() {
 
 // forget drops the stored cursor of group g with the next cursor write.
 func (ss *Session) forget(g schema.GroupID) {
-	delete(ss.groupCur, string(g))
-	ss.dropped = append(ss.dropped, g)
+	a := ss.aux()
+	delete(a.cur, string(g))
+	a.dropped = append(a.dropped, g)
 	ss.dirty = true
+}
+
+// refreshTime is when the memberships may be loaded again: zero (now)
+// unless a load failed.
+func (ss *Session) refreshTime() time.Time {
+	if ss.gs == nil {
+		return time.Time{}
+	}
+	return ss.gs.refreshAt
+}
+
+// takeDropped returns the groups whose cursors the next write forgets.
+func (ss *Session) takeDropped() []schema.GroupID {
+	if ss.gs == nil {
+		return nil
+	}
+	d := ss.gs.dropped
+	ss.gs.dropped = nil
+	return d
 }
 
 // subscribe makes lane l's live subscription match its membership: on
@@ -869,11 +924,12 @@ func (ss *Session) pruneGroups() {
 	for _, l := range ss.groups {
 		if l.ended && len(l.flight) == 0 {
 			ss.dropLane(l)
-			if ss.groupCur == nil {
-				ss.groupCur = make(map[string]*laneCursor)
+			a := ss.aux()
+			if a.cur == nil {
+				a.cur = make(map[string]*laneCursor)
 			}
 			p := l.position()
-			ss.groupCur[string(l.group)] = &p
+			a.cur[string(l.group)] = &p
 			continue
 		}
 		kept = append(kept, l)
@@ -908,8 +964,8 @@ func (ss *Session) flushAsync() {
 		ss.dirty = false
 		return
 	}
-	mine, dropped := ss.cursor(), ss.dropped
-	ss.dirty, ss.dropped = false, nil
+	mine, dropped := ss.cursor(), ss.takeDropped()
+	ss.dirty = false
 	// Acked mail still counts against the inbox cap until it is purged:
 	// a device that reads a lot purges sooner than purgeEvery.
 	urgent := ss.unpurged >= ss.s.purgeAcks
@@ -1050,9 +1106,7 @@ func (ss *Session) flush(ctx context.Context) {
 	ss.lastPurge, ss.purgeDue = time.Now(), false
 	ctx, cancel := context.WithTimeout(ctx, ss.s.opTimeout)
 	defer cancel()
-	dropped := ss.dropped
-	ss.dropped = nil
-	res := ss.writeCursor(ctx, ss.cursor(), dropped, true, ss.unpurged >= ss.s.purgeAcks)
+	res := ss.writeCursor(ctx, ss.cursor(), ss.takeDropped(), true, ss.unpurged >= ss.s.purgeAcks)
 	ss.dirty = res.err != nil
 	switch {
 	case res.err != nil:
@@ -1125,7 +1179,7 @@ func (ss *Session) adoptLane(l *lane, c *laneCursor) {
 func (ss *Session) finish() {
 	ss.mu.Lock()
 	ss.closing, ss.finished = true, true
-	code, reason := ss.closeCode, ss.closeReason
+	code, reason := int(ss.closeCode), ss.closeReason
 	acks := ss.acks
 	ss.inq, ss.acks = nil, nil
 	ss.mu.Unlock()

@@ -12,6 +12,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/vartalap/vartalap/internal/directget"
 	"github.com/vartalap/vartalap/schema"
 )
 
@@ -156,7 +157,7 @@ func (s *Service) lastLogSeq(ctx context.Context, gid schema.GroupID) (uint64, e
 	if err != nil {
 		return 0, fmt.Errorf("last of %s: %w", subj, err)
 	}
-	msg, err := s.js.Conn().RequestWithContext(ctx, s.apiPrefix()+"DIRECT.GET."+schema.StreamGroupLog, req)
+	msg, err := s.js.Conn().RequestWithContext(ctx, directget.APIPrefix(s.js)+"DIRECT.GET."+schema.StreamGroupLog, req)
 	if errors.Is(err, nats.ErrNoResponders) {
 		return 0, fmt.Errorf("last of %s: stream %s unavailable: %w", subj, schema.StreamGroupLog, err)
 	}
@@ -177,21 +178,6 @@ func (s *Service) lastLogSeq(ctx context.Context, gid schema.GroupID) (uint64, e
 		return 0, fmt.Errorf("last of %s: bad %s header: %w", subj, jetstream.SequenceHeader, err)
 	}
 	return seq, nil
-}
-
-// apiPrefix returns the JetStream API subject prefix, ending in a dot.
-func (s *Service) apiPrefix() string {
-	o := s.js.Options()
-	switch {
-	case o.APIPrefix != "" && o.APIPrefix[len(o.APIPrefix)-1] == '.':
-		return o.APIPrefix
-	case o.APIPrefix != "":
-		return o.APIPrefix + "."
-	case o.Domain != "":
-		return "$JS." + o.Domain + ".API."
-	default:
-		return "$JS.API."
-	}
 }
 
 // Memberships returns u's memberships, open and closed, sorted by group id:

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"hash/fnv"
-	"iter"
 	"math/rand/v2"
 	"slices"
 	"strconv"
@@ -18,21 +17,19 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/synadia-io/orbit.go/jetstreamext"
 
+	"github.com/vartalap/vartalap/internal/directget"
 	"github.com/vartalap/vartalap/schema"
 )
 
 // Names of the bucket's stream and subjects.
 const (
-	kvStream   = "KV_" + schema.BucketGroups
-	kvPrefix   = "$KV." + schema.BucketGroups + "."
-	kvOpHeader = "KV-Operation"
-	kvOpDelete = "DEL"
-	kvOpPurge  = "PURGE"
-	// numPendingHeader is set by batched Direct Get on every reply: the
-	// number of matching messages still to come (0 on the last one).
-	numPendingHeader = "Nats-Num-Pending"
-	scanPage         = 1000 // messages per page of a paged Direct Get scan
-	scanRetries      = 5    // paged member scans retried when the meta moved
+	kvStream    = "KV_" + schema.BucketGroups
+	kvPrefix    = "$KV." + schema.BucketGroups + "."
+	kvOpHeader  = "KV-Operation"
+	kvOpDelete  = "DEL"
+	kvOpPurge   = "PURGE"
+	scanPage    = 1000 // messages per page of a paged Direct Get scan
+	scanRetries = 5    // paged member scans retried when the meta moved
 )
 
 // errTooManySubjects means a multi_last Direct Get matched more than the
@@ -127,44 +124,15 @@ func isMarker(h nats.Header) bool {
 	return op == kvOpDelete || op == kvOpPurge
 }
 
-// collect drains a Direct Get iterator. It returns the messages and the
-// Nats-Num-Pending of the last one; ErrNoMessages (no match) yields none.
-func collect(seq iter.Seq2[*jetstream.RawStreamMsg, error]) (msgs []*jetstream.RawStreamMsg, pending uint64, err error) {
-	pending = 1 // unknown until a message arrives
-	for m, err := range seq {
-		switch {
-		case errors.Is(err, jetstreamext.ErrNoMessages):
-			return msgs, 0, nil
-		case errors.Is(err, jetstreamext.ErrBatchUnsupported):
-			return nil, 0, errTooManySubjects
-		case err != nil:
-			return nil, 0, err
-		}
-		pending, err = strconv.ParseUint(m.Header.Get(numPendingHeader), 10, 64)
-		if err != nil {
-			return nil, 0, fmt.Errorf("direct get: bad %s header: %w", numPendingHeader, err)
-		}
-		msgs = append(msgs, m)
-	}
-	return msgs, pending, nil
-}
-
 // lastMsgs returns the last message of every subject matching filters in
 // one multi_last Direct Get: an isolated snapshot that creates no consumer.
+// More than 1,024 subjects is errTooManySubjects.
 func (s *Service) lastMsgs(ctx context.Context, filters ...string) ([]*jetstream.RawStreamMsg, error) {
-	seq, err := jetstreamext.GetLastMsgsFor(ctx, s.js, kvStream, filters)
-	if err != nil {
-		return nil, fmt.Errorf("multi_last %v: %w", filters, err)
+	msgs, err := directget.LastMsgs(ctx, s.js, kvStream, filters, opTimeout)
+	if errors.Is(err, directget.ErrTooManySubjects) {
+		return nil, errTooManySubjects
 	}
-	msgs, pending, err := collect(seq)
-	if err != nil {
-		return nil, fmt.Errorf("multi_last %v: %w", filters, err)
-	}
-	if pending != 0 {
-		// The reply stream ended before the last message (timeout).
-		return nil, fmt.Errorf("multi_last %v: incomplete reply", filters)
-	}
-	return msgs, nil
+	return msgs, err
 }
 
 // scanMsgs returns every message on subjects matching filter with paged
@@ -172,29 +140,14 @@ func (s *Service) lastMsgs(ctx context.Context, filters ...string) ([]*jetstream
 // subject. Pages are not one snapshot; see loadPaged.
 func (s *Service) scanMsgs(ctx context.Context, filter string) ([]*jetstream.RawStreamMsg, error) {
 	var all []*jetstream.RawStreamMsg
-	next := uint64(1)
-	for {
-		if err := ctx.Err(); err != nil {
-			return nil, fmt.Errorf("scan %s: %w", filter, err)
-		}
-		seq, err := jetstreamext.GetBatch(ctx, s.js, kvStream, scanPage,
-			jetstreamext.GetBatchSubject(filter), jetstreamext.GetBatchSeq(next))
-		if err != nil {
-			return nil, fmt.Errorf("scan %s: %w", filter, err)
-		}
-		msgs, pending, err := collect(seq)
-		if err != nil {
-			return nil, fmt.Errorf("scan %s: %w", filter, err)
-		}
-		all = append(all, msgs...)
-		if pending == 0 {
-			return all, nil
-		}
-		if len(msgs) == 0 {
-			return nil, fmt.Errorf("scan %s: incomplete reply", filter)
-		}
-		next = msgs[len(msgs)-1].Sequence + 1
+	_, err := directget.Scan(ctx, s.js, kvStream, filter, 1, scanPage, opTimeout, func(m *jetstream.RawStreamMsg) bool {
+		all = append(all, m)
+		return true
+	})
+	if err != nil {
+		return nil, fmt.Errorf("scan %s: %w", filter, err)
 	}
+	return all, nil
 }
 
 // load returns a consistent snapshot of group gid, or ErrNotFound.
