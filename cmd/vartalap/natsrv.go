@@ -12,10 +12,12 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 	"golang.org/x/crypto/bcrypt"
 )
 
@@ -91,11 +93,73 @@ func startEmbedded(c *serveConfig, log *slog.Logger) (*embedded, error) {
 	return e, nil
 }
 
-// connect opens the process's NATS connection: in-process to the embedded
-// server, or to --nats-url.
-func connect(c *serveConfig, e *embedded, log *slog.Logger) (*nats.Conn, error) {
+// conns opens and closes the process's NATS connections: one per service
+// (and one for the process itself: readiness, the service clients). On one
+// shared connection every publish, request and reply of every service went
+// through one client read loop and one flusher, and through one client
+// connection in the server, which handles its inbound messages one at a
+// time: a busy service (delivery's cursor writes and catch-up reads) made
+// the others (the gateway's commits, the router's batches) wait.
+type conns struct {
+	c   *serveConfig
+	e   *embedded
+	log *slog.Logger
+
+	mu  sync.Mutex
+	all []*nats.Conn
+}
+
+// open returns a new connection for service and its JetStream context.
+func (p *conns) open(service string) (*nats.Conn, jetstream.JetStream, error) {
+	nc, err := connect(p.c, p.e, service, p.log)
+	if err != nil {
+		return nil, nil, err
+	}
+	js, err := jetstream.New(nc)
+	if err != nil {
+		nc.Close()
+		return nil, nil, fmt.Errorf("jetstream: %w", err)
+	}
+	p.mu.Lock()
+	p.all = append(p.all, nc)
+	p.mu.Unlock()
+	return nc, js, nil
+}
+
+// drain drains every connection (their subscriptions' pending messages are
+// processed, their publishes flushed) and closes them, waiting at most
+// grace.
+func (p *conns) drain(grace time.Duration) {
+	p.mu.Lock()
+	all := p.all
+	p.all = nil
+	p.mu.Unlock()
+	var wg sync.WaitGroup
+	for _, nc := range all {
+		closed := make(chan struct{})
+		nc.SetClosedHandler(func(*nats.Conn) { close(closed) })
+		if err := nc.Drain(); err != nil {
+			nc.Close()
+			continue
+		}
+		wg.Go(func() {
+			select {
+			case <-closed:
+			case <-time.After(grace):
+				p.log.Warn("nats drain timed out", "conn", nc.Opts.Name)
+				nc.Close()
+			}
+		})
+	}
+	wg.Wait()
+}
+
+// connect opens a NATS connection named for service: in-process to the
+// embedded server, or to --nats-url.
+func connect(c *serveConfig, e *embedded, service string, log *slog.Logger) (*nats.Conn, error) {
+	log = log.With("conn", service)
 	opts := []nats.Option{
-		nats.Name("vartalap"),
+		nats.Name("vartalap-" + service),
 		nats.Timeout(10 * time.Second),
 		nats.MaxReconnects(-1),
 		nats.ReconnectWait(500 * time.Millisecond),

@@ -82,37 +82,17 @@ func serve(ctx context.Context, args []string, getenv func(string) string, stder
 			emb.shutdown(sctx)
 		}
 	}
-	nc, err := connect(c, emb, log)
+	pool := &conns{c: c, e: emb, log: log}
+	app, err := build(ctx, c, pool, reg, getenv, log)
 	if err != nil {
-		stopNATS()
-		return err
-	}
-	js, err := jetstream.New(nc)
-	if err != nil {
-		nc.Close()
-		stopNATS()
-		return fmt.Errorf("jetstream: %w", err)
-	}
-
-	app, err := build(ctx, c, nc, js, reg, getenv, log)
-	if err != nil {
-		nc.Close()
+		pool.drain(c.ShutdownGrace)
 		stopNATS()
 		return err
 	}
 	runErr := app.run(ctx, c, log)
 
 	// Drain NATS, then stop the embedded server.
-	drained := make(chan struct{})
-	nc.SetClosedHandler(func(*nats.Conn) { close(drained) })
-	if err := nc.Drain(); err != nil {
-		nc.Close()
-	}
-	select {
-	case <-drained:
-	case <-time.After(c.ShutdownGrace):
-		log.Warn("nats drain timed out")
-	}
+	pool.drain(c.ShutdownGrace)
 	stopNATS()
 	log.Info("stopped")
 	return runErr
@@ -163,7 +143,15 @@ type app struct {
 // build constructs and sets up every service named in --services, their
 // metrics registered with reg. This is the one place where services are
 // wired to each other.
-func build(ctx context.Context, c *serveConfig, nc *nats.Conn, js jetstream.JetStream, reg *prometheus.Registry, getenv func(string) string, log *slog.Logger) (*app, error) {
+//
+// Each service gets a NATS connection of its own (see conns); the process's
+// own connection serves readiness and the clients of services that run
+// elsewhere.
+func build(ctx context.Context, c *serveConfig, pool *conns, reg *prometheus.Registry, getenv func(string) string, log *slog.Logger) (*app, error) {
+	nc, js, err := pool.open("app")
+	if err != nil {
+		return nil, err
+	}
 	a := &app{nc: nc, js: js, metrics: reg}
 	setupCtx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
@@ -179,11 +167,15 @@ func build(ctx context.Context, c *serveConfig, nc *nats.Conn, js jetstream.JetS
 			}
 			verifier, bind = v, true
 		}
+		pnc, _, err := pool.open("profile")
+		if err != nil {
+			return nil, err
+		}
 		p, err := profile.New(profile.Config{
 			Path:         filepath.Join(c.DataDir, "profile.db"),
 			Verifier:     verifier,
 			BindUsername: bind,
-			NC:           nc,
+			NC:           pnc,
 			Logger:       log.With("service", "profile"),
 		})
 		if err != nil {
@@ -195,7 +187,11 @@ func build(ctx context.Context, c *serveConfig, nc *nats.Conn, js jetstream.JetS
 	}
 
 	if c.has("groups") {
-		g, err := groups.New(groups.Config{JS: js, NC: nc, Logger: log.With("service", "groups"), Auth: authn,
+		gnc, gjs, err := pool.open("groups")
+		if err != nil {
+			return nil, err
+		}
+		g, err := groups.New(groups.Config{JS: gjs, NC: gnc, Logger: log.With("service", "groups"), Auth: authn,
 			Replicas: c.Replicas, Retention: c.Retention})
 		if err != nil {
 			return nil, fmt.Errorf("groups: %w", err)
@@ -214,8 +210,12 @@ func build(ctx context.Context, c *serveConfig, nc *nats.Conn, js jetstream.JetS
 	}
 
 	if c.has("delivery") || c.has("gateway") || c.has("push") {
+		dnc, djs, err := pool.open("delivery")
+		if err != nil {
+			return nil, err
+		}
 		d, err := delivery.New(delivery.Config{
-			JS: js, NC: nc, Logger: log.With("service", "delivery"),
+			JS: djs, NC: dnc, Logger: log.With("service", "delivery"),
 			Node: c.Node, Retention: c.Retention, Replicas: c.Replicas, Metrics: reg,
 			DeviceIdle: deviceIdle(c.DeviceIdle), Groups: members,
 		})
@@ -231,7 +231,11 @@ func build(ctx context.Context, c *serveConfig, nc *nats.Conn, js jetstream.JetS
 	}
 
 	if c.has("router") {
-		r, err := router.New(router.Config{JS: js, NC: nc, Logger: log.With("service", "router"), Replicas: c.Replicas,
+		rnc, rjs, err := pool.open("router")
+		if err != nil {
+			return nil, err
+		}
+		r, err := router.New(router.Config{JS: rjs, NC: rnc, Logger: log.With("service", "router"), Replicas: c.Replicas,
 			Groups: groupsAdapter{members}, Metrics: reg})
 		if err != nil {
 			return nil, fmt.Errorf("router: %w", err)
@@ -243,8 +247,12 @@ func build(ctx context.Context, c *serveConfig, nc *nats.Conn, js jetstream.JetS
 	}
 
 	if c.has("gateway") {
+		wnc, wjs, err := pool.open("gateway")
+		if err != nil {
+			return nil, err
+		}
 		g, err := gateway.New(gateway.Config{
-			JS: js, NC: nc, Logger: log.With("service", "gateway"),
+			JS: wjs, NC: wnc, Logger: log.With("service", "gateway"),
 			Auth:          authn,
 			Delivery:      deliveryAdapter{a.delivery},
 			Ready:         a.ready,
@@ -258,7 +266,7 @@ func build(ctx context.Context, c *serveConfig, nc *nats.Conn, js jetstream.JetS
 		}
 		a.gateway = g
 
-		as, err := assets.New(assets.Config{JS: js, Logger: log.With("service", "assets"), Auth: authn,
+		as, err := assets.New(assets.Config{JS: wjs, Logger: log.With("service", "assets"), Auth: authn,
 			Replicas: c.Replicas, MaxBytes: c.MaxUpload})
 		if err != nil {
 			return nil, fmt.Errorf("assets: %w", err)
@@ -284,8 +292,12 @@ func build(ctx context.Context, c *serveConfig, nc *nats.Conn, js jetstream.JetS
 		if a.profile != nil {
 			devs = a.profile
 		}
+		_, pjs, err := pool.open("push")
+		if err != nil {
+			return nil, err
+		}
 		p, err := push.New(push.Config{
-			JS: js, Logger: log.With("service", "push"),
+			JS: pjs, Logger: log.With("service", "push"),
 			Presence: a.delivery, Devices: pushDevices{devs}, Sender: sender, TTL: c.PushTTL,
 			Groups: members, IsNoGroup: func(err error) bool { return errors.Is(err, groups.ErrNotFound) },
 			Metrics: reg,
