@@ -143,7 +143,10 @@ type Service struct {
 	users   map[schema.UserID]*subs // live subscriptions of users with sessions here
 	groups  map[schema.GroupID]*subs
 	bySubj  map[string]*subs
-	wg      sync.WaitGroup // session goroutines
+	// reconnects is the NATS connection's reconnect count at the last
+	// sweep (see sweepDrops).
+	reconnects uint64
+	wg         sync.WaitGroup // session goroutines
 }
 
 type assets struct {
@@ -498,11 +501,23 @@ func (s *Service) dispatch(ctx context.Context, ch <-chan *nats.Msg) {
 	}
 }
 
-// sweepDrops finds user subscriptions whose messages the client library
-// dropped (shared channel full) and makes their sessions re-read the stream.
+// sweepDrops finds live subscriptions whose messages the client library
+// dropped (shared channel full) and makes their sessions re-read the
+// stream; after a reconnect of the NATS connection (live messages sent
+// meanwhile are lost, and a quiet subject would show no gap until its next
+// message) every session re-reads.
 func (s *Service) sweepDrops() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if n := s.nc.Stats().Reconnects; n != s.reconnects {
+		s.reconnects = n
+		for _, u := range s.users {
+			for _, ss := range u.sessions {
+				ss.markGap()
+			}
+		}
+		return
+	}
 	for _, u := range s.bySubj {
 		n, err := u.sub.Dropped()
 		if err != nil || n == u.dropped {

@@ -3,13 +3,16 @@ package delivery
 import (
 	"context"
 	"errors"
+	"net"
 	"slices"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/vartalap/vartalap/internal/natstest"
 	"github.com/vartalap/vartalap/schema"
 )
 
@@ -280,6 +283,84 @@ func TestAckByIDGroup(t *testing.T) {
 	time.Sleep(50 * time.Millisecond)
 	if got := k.ids(); len(got) != 1 {
 		t.Fatalf("delivered %v, want only a2", got)
+	}
+	ss.Close()
+}
+
+// holdDialer dials normally until held: then a dial waits until released,
+// so a test can keep a connection down after closing its socket.
+type holdDialer struct {
+	mu   sync.Mutex
+	hold chan struct{} // nil: dial at once
+	last net.Conn
+}
+
+func (d *holdDialer) Dial(network, address string) (net.Conn, error) {
+	d.mu.Lock()
+	h := d.hold
+	d.mu.Unlock()
+	if h != nil {
+		<-h
+	}
+	c, err := net.Dial(network, address)
+	d.mu.Lock()
+	d.last = c
+	d.mu.Unlock()
+	return c, err
+}
+
+// A live message sent while the service's NATS connection was down is lost
+// on the way; after the reconnect the session re-reads its lanes instead of
+// waiting for the subject's next message to show the gap.
+func TestReconnectRereads(t *testing.T) {
+	leakCheck(t)
+	srv := natstest.Start(t)
+	d := &holdDialer{}
+	nc, err := nats.Connect(srv.ClientURL(), nats.SetCustomDialer(d), nats.MaxReconnects(-1), nats.ReconnectWait(10*time.Millisecond))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mt := &memberTable{}
+	e := startService(t, srv, Config{JS: js, Groups: mt}, func(s *Service) { s.dropSweep = 50 * time.Millisecond })
+	mt.set("bob", "g1", schema.Epoch{})
+	k := &testSink{}
+	ss := e.open(t, "bob", "phone", k)
+	e.publishGroup(t, "g1", "alice", "before")
+	waitIDs(t, k, []string{"before"})
+
+	// Take the service's connection down and keep it down.
+	release := make(chan struct{})
+	d.mu.Lock()
+	d.hold = release
+	conn := d.last
+	d.mu.Unlock()
+	_ = conn.Close()
+	waitFor(t, "disconnected", func() bool { return !nc.IsConnected() })
+
+	_, ojs := srv.JetStream(t)
+	if _, err := ojs.PublishMsg(t.Context(), &nats.Msg{
+		Subject: schema.GroupLog("g1"),
+		Header:  nats.Header{schema.HeaderSender: []string{schema.Token("alice")}},
+		Data:    groupMsg("g1", "alice", "lost-group").MarshalProto(),
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ojs.PublishMsg(t.Context(), natsMsg("bob", "lost-direct")); err != nil {
+		t.Fatal(err)
+	}
+	d.mu.Lock()
+	d.hold = nil
+	d.mu.Unlock()
+	close(release)
+	waitFor(t, "both re-read", func() bool { return k.len() == 3 })
+	got := k.ids()
+	if !slices.Contains(got, "lost-group") || !slices.Contains(got, "lost-direct") {
+		t.Fatalf("delivered %v", got)
 	}
 	ss.Close()
 }

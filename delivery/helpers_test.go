@@ -130,8 +130,11 @@ type env struct {
 // connection. tweak may change knobs before Setup.
 func startService(t testing.TB, srv *natstest.Server, cfg Config, tweak func(*Service)) *env {
 	t.Helper()
-	nc, js := srv.JetStream(t)
-	cfg.JS = js
+	if cfg.JS == nil {
+		_, cfg.JS = srv.JetStream(t)
+	}
+	js := cfg.JS
+	nc := js.Conn()
 	svc, err := New(cfg)
 	if err != nil {
 		t.Fatalf("new: %v", err)

@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"context"
 	"crypto/rand"
+	"iter"
 	mrand "math/rand/v2"
 	"slices"
 	"strconv"
@@ -64,7 +65,9 @@ type Session struct {
 	groups    []*lane    // the user's GROUP_LOG subjects (ADR 4)
 	gs        *groupsAux // the rest of the group state; nil until needed
 	inFlight  int        // delivered, unacked messages over all lanes
-	lastFlush time.Time
+	lastFlush mono       // when the cursor was last written
+	dueAt     mono       // no redelivery is due before (0: nothing in flight); see arm
+	armedAt   mono       // when the timer fires (0: stopped)
 	lastPurge time.Time
 	unpurged  int         // inbox acks applied since the last purge
 	timer     *time.Timer // signals the worker when the next redelivery, flush or retry is due
@@ -94,6 +97,33 @@ func (ss *Session) aux() *groupsAux {
 	}
 	return ss.gs
 }
+
+// mono is a point in time as nanoseconds of the monotonic clock since the
+// process started (0: none): a third of a time.Time, which matters in a
+// struct kept per idle connection.
+type mono int64
+
+var epoch = time.Now()
+
+func monoNow() mono { return mono(time.Since(epoch)) }
+
+// monoOf converts t (0 for the zero time).
+func monoOf(t time.Time) mono {
+	if t.IsZero() {
+		return 0
+	}
+	return mono(t.Sub(epoch))
+}
+
+// time converts m back (the zero time for 0).
+func (m mono) time() time.Time {
+	if m == 0 {
+		return time.Time{}
+	}
+	return epoch.Add(time.Duration(m))
+}
+
+func (m mono) add(d time.Duration) time.Time { return epoch.Add(time.Duration(m) + d) }
 
 // liveMsg is a live message queued for a session; dec is its decoded
 // payload when the dispatcher decoded it once for every member of a group.
@@ -177,7 +207,7 @@ func (ss *Session) init(c deviceCursor) {
 		ss.aux().cur = c.Groups
 	}
 	ss.stale = ss.s.cfg.Groups != nil
-	ss.lastFlush = time.Now()
+	ss.lastFlush = monoNow()
 }
 
 // load sets the lane's position from a stored cursor.
@@ -336,15 +366,15 @@ func (ss *Session) step() bool {
 	if ss.stale && !now.Before(ss.refreshTime()) {
 		ss.refreshGroups()
 	}
-	if ss.inFlight > 0 {
-		if l, i := ss.oldest(); !now.Before(l.flight[i].sent.Add(ss.s.cfg.AckTimeout)) {
-			if !ss.redeliver(now) {
-				return false
-			}
+	if ss.inFlight == 0 {
+		ss.dueAt = 0
+	} else if !now.Before(ss.dueAt.time()) {
+		if !ss.redeliver(now) {
+			return false
 		}
 	}
 	if ss.refill() {
-		for _, l := range ss.lanes() {
+		for l := range ss.lanes() {
 			if l.behind && !now.Before(l.retryAt) && ss.inFlight < ss.s.cfg.MaxInFlight {
 				if !ss.fill(l) {
 					return false
@@ -353,7 +383,7 @@ func (ss *Session) step() bool {
 		}
 	}
 	ss.pruneGroups()
-	if ss.dirty && !ss.flushing && !now.Before(ss.lastFlush.Add(ss.s.cfg.CursorFlush)) {
+	if ss.dirty && !ss.flushing && !now.Before(ss.lastFlush.add(ss.s.cfg.CursorFlush)) {
 		ss.flushAsync()
 	}
 	if ss.purgeDue && !ss.dirty && !ss.flushing && !now.Before(ss.lastPurge.Add(ss.s.purgeEvery)) {
@@ -362,13 +392,18 @@ func (ss *Session) step() bool {
 	return true
 }
 
-// lanes returns the inbox lane and the group lanes. It allocates only for a
-// user with groups.
-func (ss *Session) lanes() []*lane {
-	if len(ss.groups) == 0 {
-		return []*lane{&ss.inbox}
+// lanes yields the inbox lane, then the group lanes (without allocating).
+func (ss *Session) lanes() iter.Seq[*lane] {
+	return func(yield func(*lane) bool) {
+		if !yield(&ss.inbox) {
+			return
+		}
+		for _, l := range ss.groups {
+			if !yield(l) {
+				return
+			}
+		}
 	}
-	return append([]*lane{&ss.inbox}, ss.groups...)
 }
 
 // trimLocked drops the buffers an idle session does not need (they keep
@@ -381,7 +416,7 @@ func (ss *Session) trimLocked() {
 		ss.acks = nil
 	}
 	ss.spareQ, ss.spareAcks = nil, nil
-	for _, l := range ss.lanes() {
+	for l := range ss.lanes() {
 		if len(l.flight) == 0 {
 			l.flight = nil
 		}
@@ -409,13 +444,15 @@ func (ss *Session) arm() {
 		}
 	}
 	if ss.inFlight > 0 {
-		l, i := ss.oldest()
-		earlier(l.flight[i].sent.Add(ss.s.cfg.AckTimeout))
+		if ss.dueAt == 0 {
+			ss.dueAt = monoNow() // unknown: check now
+		}
+		earlier(ss.dueAt.time())
 	}
 	if ss.dirty {
-		earlier(ss.lastFlush.Add(ss.s.cfg.CursorFlush))
+		earlier(ss.lastFlush.add(ss.s.cfg.CursorFlush))
 	}
-	for _, l := range ss.lanes() {
+	for l := range ss.lanes() {
 		if l.behind && !l.retryAt.IsZero() {
 			earlier(l.retryAt)
 		}
@@ -426,31 +463,24 @@ func (ss *Session) arm() {
 	if ss.purgeDue && !ss.dirty {
 		earlier(ss.lastPurge.Add(ss.s.purgeEvery))
 	}
+	// Re-arming costs a lock of the runtime's timer heap: skip it when
+	// the timer is set for the same, still future, deadline (most steps: a
+	// delivery or an ack).
+	at := monoOf(due)
 	switch {
 	case due.IsZero():
-		if ss.timer != nil {
+		if ss.timer != nil && ss.armedAt != 0 {
 			ss.timer.Stop()
 		}
+		ss.armedAt = 0
+	case at == ss.armedAt && time.Now().Before(due):
 	case ss.timer == nil:
 		ss.timer = time.AfterFunc(time.Until(due), ss.signal)
+		ss.armedAt = at
 	default:
 		ss.timer.Reset(time.Until(due))
+		ss.armedAt = at
 	}
-}
-
-// oldest returns the in-flight message sent longest ago: its lane and
-// index. There must be one.
-func (ss *Session) oldest() (*lane, int) {
-	var ol *lane
-	oi := 0
-	for _, l := range ss.lanes() {
-		for i := range l.flight {
-			if ol == nil || l.flight[i].sent.Before(ol.flight[oi].sent) {
-				ol, oi = l, i
-			}
-		}
-	}
-	return ol, oi
 }
 
 // laneOf returns the lane whose live messages arrive on subject, or nil.
@@ -549,7 +579,11 @@ func (ss *Session) send(l *lane, seq uint64, hdr nats.Header, data []byte, dec *
 	}
 	ss.s.metrics.delivered.Inc()
 	l.next = seq
-	l.flight = append(l.flight, inflight{seq: seq, id: msg.ID, sent: time.Now()})
+	now := time.Now()
+	l.flight = append(l.flight, inflight{seq: seq, id: msg.ID, sent: now})
+	if ss.inFlight == 0 {
+		ss.dueAt = monoOf(now.Add(ss.s.cfg.AckTimeout))
+	}
 	ss.inFlight++
 	return true
 }
@@ -620,11 +654,25 @@ func (ss *Session) fill(l *lane) bool {
 
 // redeliver sends again every in-flight message sent at least AckTimeout
 // ago, in order per lane, reading it from the stream.
+//
+// dueAt is a lower bound of the next redelivery: set when the first message
+// goes in flight (later ones are due later) and recomputed here, so the
+// window is scanned once per AckTimeout rather than on every step.
 func (ss *Session) redeliver(now time.Time) bool {
-	for _, l := range ss.lanes() {
+	var oldest time.Time
+	for l := range ss.lanes() {
 		if !ss.redeliverLane(l, now) {
 			return false
 		}
+		for i := range l.flight {
+			if oldest.IsZero() || l.flight[i].sent.Before(oldest) {
+				oldest = l.flight[i].sent
+			}
+		}
+	}
+	ss.dueAt = 0
+	if !oldest.IsZero() {
+		ss.dueAt = monoOf(oldest.Add(ss.s.cfg.AckTimeout))
 	}
 	return true
 }
@@ -691,7 +739,7 @@ func (ss *Session) redeliverLane(l *lane, now time.Time) bool {
 // applyAcks acks every in-flight message whose id is in ids, in any lane.
 func (ss *Session) applyAcks(ids []string) {
 	n := 0
-	for _, l := range ss.lanes() {
+	for l := range ss.lanes() {
 		k := 0
 		for _, id := range ids {
 			for i := 0; i < len(l.flight); {
@@ -959,7 +1007,7 @@ func (ss *Session) pruneGroups() {
 
 // flushAsync starts a background write of the cursor as it is now.
 func (ss *Session) flushAsync() {
-	ss.lastFlush = time.Now()
+	ss.lastFlush = monoNow()
 	if ss.forgotten {
 		ss.dirty = false
 		return
@@ -1098,7 +1146,7 @@ func (ss *Session) writeCursor(ctx context.Context, mine *deviceCursor, dropped 
 
 // flush writes the cursor now, purging too: the session's final write.
 func (ss *Session) flush(ctx context.Context) {
-	ss.lastFlush = time.Now()
+	ss.lastFlush = monoNow()
 	if ss.forgotten {
 		ss.dirty = false
 		return
