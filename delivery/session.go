@@ -323,16 +323,19 @@ func (ss *Session) run() {
 		}
 		ss.woken = false
 		ss.mu.Unlock()
-		if !ss.step() {
+		now, ok := ss.step()
+		if !ok {
 			ss.finish()
 			return
 		}
-		ss.arm()
+		ss.arm(now)
 	}
 }
 
-// step handles everything pending; false ends the session.
-func (ss *Session) step() bool {
+// step handles everything pending; false ends the session. It returns the
+// time it started (one clock read per step: the clock is not free).
+func (ss *Session) step() (time.Time, bool) {
+	now := time.Now()
 	ss.mu.Lock()
 	q, acks, over, closing, flushed := ss.inq, ss.acks, ss.overflow, ss.closing, ss.flushed
 	ss.inq, ss.acks, ss.overflow, ss.inqBytes, ss.flushed = ss.spareQ[:0], ss.spareAcks[:0], false, 0, nil
@@ -349,7 +352,7 @@ func (ss *Session) step() bool {
 		ss.applyAcks(acks) // also when closing: the final flush records them
 	}
 	if closing {
-		return false
+		return now, false
 	}
 	if over {
 		ss.inbox.behind = true
@@ -358,11 +361,10 @@ func (ss *Session) step() bool {
 		}
 	}
 	for _, lm := range q {
-		if !ss.live(lm) {
-			return false
+		if !ss.live(lm, now) {
+			return now, false
 		}
 	}
-	now := time.Now()
 	if ss.stale && !now.Before(ss.refreshTime()) {
 		ss.refreshGroups()
 	}
@@ -370,14 +372,14 @@ func (ss *Session) step() bool {
 		ss.dueAt = 0
 	} else if !now.Before(ss.dueAt.time()) {
 		if !ss.redeliver(now) {
-			return false
+			return now, false
 		}
 	}
 	if ss.refill() {
 		for l := range ss.lanes() {
 			if l.behind && !now.Before(l.retryAt) && ss.inFlight < ss.s.cfg.MaxInFlight {
-				if !ss.fill(l) {
-					return false
+				if !ss.fill(l, now) {
+					return now, false
 				}
 			}
 		}
@@ -389,7 +391,7 @@ func (ss *Session) step() bool {
 	if ss.purgeDue && !ss.dirty && !ss.flushing && !now.Before(ss.lastPurge.Add(ss.s.purgeEvery)) {
 		ss.purgeAsync()
 	}
-	return true
+	return now, true
 }
 
 // lanes yields the inbox lane, then the group lanes (without allocating).
@@ -436,7 +438,7 @@ func (ss *Session) refill() bool {
 
 // arm sets the timer for the next redelivery, flush or read retry; with
 // nothing pending the timer stays off.
-func (ss *Session) arm() {
+func (ss *Session) arm(now time.Time) {
 	var due time.Time
 	earlier := func(t time.Time) {
 		if due.IsZero() || t.Before(due) {
@@ -473,7 +475,7 @@ func (ss *Session) arm() {
 			ss.timer.Stop()
 		}
 		ss.armedAt = 0
-	case at == ss.armedAt && time.Now().Before(due):
+	case at == ss.armedAt && now.Before(due):
 	case ss.timer == nil:
 		ss.timer = time.AfterFunc(time.Until(due), ss.signal)
 		ss.armedAt = at
@@ -497,7 +499,7 @@ func (ss *Session) laneOf(subject string) *lane {
 }
 
 // live handles one message from a live subject.
-func (ss *Session) live(lm liveMsg) bool {
+func (ss *Session) live(lm liveMsg, now time.Time) bool {
 	m := lm.m
 	seqHdr := m.Header.Get(schema.HeaderSequence)
 	if seqHdr == "" {
@@ -536,13 +538,13 @@ func (ss *Session) live(lm liveMsg) bool {
 		l.behind = true
 		return true
 	}
-	return ss.send(l, seq, m.Header, m.Data, lm.dec)
+	return ss.send(l, seq, m.Header, m.Data, lm.dec, now)
 }
 
 // send hands the stored message seq of lane l to the sink and tracks it. A
 // group message the user may not see (sent outside its membership, or by
 // the user) is skipped. dec is data decoded, or nil.
-func (ss *Session) send(l *lane, seq uint64, hdr nats.Header, data []byte, dec *schema.Message) bool {
+func (ss *Session) send(l *lane, seq uint64, hdr nats.Header, data []byte, dec *schema.Message, now time.Time) bool {
 	if l.group != "" && (!l.member.Visible(seq) || hdr.Get(schema.HeaderSender) == schema.Token(ss.user)) {
 		l.next = seq
 		ss.advance(l)
@@ -579,7 +581,6 @@ func (ss *Session) send(l *lane, seq uint64, hdr nats.Header, data []byte, dec *
 	}
 	ss.s.metrics.delivered.Inc()
 	l.next = seq
-	now := time.Now()
 	l.flight = append(l.flight, inflight{seq: seq, id: msg.ID, sent: now})
 	if ss.inFlight == 0 {
 		ss.dueAt = monoOf(now.Add(ss.s.cfg.AckTimeout))
@@ -609,7 +610,7 @@ func (ss *Session) slowConsumer() {
 
 // fill reads lane l's stream after next into the window until the window
 // is full or the stream has no more.
-func (ss *Session) fill(l *lane) bool {
+func (ss *Session) fill(l *lane, now time.Time) bool {
 	dead, full, over := false, false, false
 	room := ss.s.cfg.MaxInFlight - ss.inFlight
 	end, err := ss.s.scan(ss.ctx, l.stream(), l.subject, l.next+1, min(room, 256), func(m *jetstream.RawStreamMsg) bool {
@@ -624,7 +625,7 @@ func (ss *Session) fill(l *lane) bool {
 			full = true
 			return false
 		}
-		if !ss.send(l, m.Sequence, m.Header, m.Data, nil) {
+		if !ss.send(l, m.Sequence, m.Header, m.Data, nil, now) {
 			dead = true
 			return false
 		}
