@@ -492,8 +492,9 @@ func (s *Service) dispatch(ctx context.Context, ch <-chan *nats.Msg) {
 					// each session then skips it as poison).
 					dec, _ = schema.UnmarshalProto(m.Data)
 				}
+				now := time.Now()
 				for _, ss := range u.sessions {
-					ss.push(m, dec)
+					ss.push(m, dec, now)
 				}
 			}
 			s.mu.RUnlock()

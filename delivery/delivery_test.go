@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"slices"
+	"sync"
 	"testing"
 	"time"
 
@@ -158,15 +159,19 @@ func TestGapRepair(t *testing.T) {
 func TestSessionQueueOverflowRepaired(t *testing.T) {
 	e := newEnv(t, Config{}, func(s *Service) { s.queueMsgs = 2; s.dropSweep = time.Hour })
 	gate := make(chan struct{})
+	release := sync.OnceFunc(func() { close(gate) })
+	t.Cleanup(release) // a failure must not leave the session stalled
 	k := &testSink{gate: gate}
+	// m1 is stored before the session opens, so its worker (the catch-up
+	// read) delivers it and stalls there; live messages then queue.
+	e.publish(t, "bob", "m1")
 	e.open(t, "bob", "phone", k)
-	e.publish(t, "bob", "m1") // the session stalls delivering m1
 	ids := e.publishN(t, "bob", "n", 6)
 	e.svc.mu.RLock()
 	ch := e.svc.liveCh
 	e.svc.mu.RUnlock()
 	waitFor(t, "dispatcher to drain", func() bool { return len(ch) == 0 })
-	close(gate)
+	release()
 	waitIDs(t, k, append([]string{"m1"}, ids...))
 }
 

@@ -30,7 +30,7 @@ type testSink struct {
 	mu     sync.Mutex
 	got    []*schema.Message
 	limit  int           // Deliver refuses once this many were accepted; 0 = no limit
-	gate   chan struct{} // if set, the first Deliver waits for it (stalls the session)
+	gate   chan struct{} // if set, the first Deliver waits for it (stalls the session's worker; see TestSessionQueueOverflowRepaired)
 	code   int
 	reason string
 	closes int
