@@ -19,6 +19,7 @@ type metrics struct {
 	commitMsgs prometheus.Histogram   // client messages per CHAT_IN batch
 	commitTime prometheus.Histogram   // publish to PubAck of one CHAT_IN batch
 	frames     prometheus.Counter     // data frames written to sockets
+	writes     prometheus.Counter     // system writes to sockets (frames written together count once)
 	backlog    prometheus.Gauge       // CHAT_IN bytes not yet routed, as last read
 	paused     prometheus.Counter     // seconds commits waited for the backlog
 }
@@ -68,13 +69,17 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "vartalap_gateway_frames_written_total",
 			Help: "Data frames written to WebSockets (messages, acks, error notices, pongs).",
 		}),
+		writes: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "vartalap_gateway_socket_writes_total",
+			Help: "System writes to WebSockets: frames queued together go out in one write, so frames_written_total / socket_writes_total is the coalescing factor.",
+		}),
 	}
 	m.accepted = m.messages.WithLabelValues("accepted")
 	m.rejected = m.messages.WithLabelValues("rejected")
 	for _, code := range rejectionCodes {
 		m.rejections.WithLabelValues(code)
 	}
-	if err := prom.Register(reg, m.conns, m.messages, m.rejections, m.commitMsgs, m.commitTime, m.frames, m.backlog, m.paused); err != nil {
+	if err := prom.Register(reg, m.conns, m.messages, m.rejections, m.commitMsgs, m.commitTime, m.frames, m.writes, m.backlog, m.paused); err != nil {
 		return nil, err
 	}
 	return m, nil

@@ -39,6 +39,7 @@ type frame struct {
 type conn struct {
 	g       *Gateway
 	ws      *websocket.Conn // set once, before the read loop starts
+	nc      *corkConn       // ws's network connection
 	id      string
 	user    schema.UserID
 	device  schema.DeviceID
@@ -199,14 +200,15 @@ func (g *Gateway) serveWS(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	c.sess = sess
-	ws, err := g.upgrader.Upgrade(w, r, nil)
+	cw := &corkingWriter{ResponseWriter: w, writes: g.metrics.writes}
+	ws, err := g.upgrader.Upgrade(cw, r, nil)
 	if err != nil {
 		g.unregister(c)
 		sess.Close()
 		c.logger().Info("websocket upgrade failed", "err", err)
 		return
 	}
-	c.ws = ws
+	c.ws, c.nc = ws, cw.conn
 	remote, origin := r.RemoteAddr, r.Header.Get("Origin")
 	g.metrics.conns.Inc()
 	go func() {
@@ -301,25 +303,35 @@ func (c *conn) writeLoop() {
 		}
 		batch, c.q = c.q, batch[:0]
 		c.mu.Unlock()
-		for i, f := range batch {
-			batch[i] = frame{}
-			_ = c.ws.SetWriteDeadline(time.Now().Add(wt))
-			if err := c.ws.WriteMessage(f.typ, f.data); err != nil {
-				c.logger().Info("write failed", "err", err)
-				c.fail()
-				break
-			}
-			c.g.metrics.frames.Inc()
-			c.mu.Lock()
-			c.pending--
-			c.room.Signal()
-			closeReq := c.closeReq
-			c.mu.Unlock()
-			if closeReq {
-				break
-			}
+		if err := c.writeFrames(batch, wt); err != nil {
+			c.logger().Info("write failed", "err", err)
+			c.fail()
+			continue // broken: the loop ends
+		}
+		c.g.metrics.frames.Add(float64(len(batch)))
+		c.mu.Lock()
+		c.pending -= len(batch)
+		c.room.Broadcast()
+		c.mu.Unlock()
+		clear(batch)
+	}
+}
+
+// writeFrames writes the frames queued together with as few system writes
+// as they fit in (see corkConn), under one write deadline.
+func (c *conn) writeFrames(batch []frame, wt time.Duration) error {
+	_ = c.ws.SetWriteDeadline(time.Now().Add(wt))
+	if len(batch) == 1 {
+		return c.ws.WriteMessage(batch[0].typ, batch[0].data)
+	}
+	c.nc.cork()
+	for _, f := range batch {
+		if err := c.ws.WriteMessage(f.typ, f.data); err != nil {
+			_ = c.nc.uncork()
+			return err
 		}
 	}
+	return c.nc.uncork()
 }
 
 // fail marks the connection broken after a write error and closes the

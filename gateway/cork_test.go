@@ -1,0 +1,156 @@
+package gateway
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/vartalap/vartalap/schema"
+)
+
+// tcpPair returns both ends of a loopback TCP connection.
+func tcpPair(t *testing.T) (client, server net.Conn) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		c, _ := ln.Accept()
+		accepted <- c
+	}()
+	client, err = net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	server = <-accepted
+	if server == nil {
+		t.Fatal("accept failed")
+	}
+	t.Cleanup(func() { client.Close(); server.Close() })
+	return client, server
+}
+
+func TestCorkConn(t *testing.T) {
+	client, server := tcpPair(t)
+	writes := prometheus.NewCounter(prometheus.CounterOpts{Name: "w"})
+	c := &corkConn{Conn: server, writes: writes}
+	var want bytes.Buffer
+	write := func(p []byte) {
+		t.Helper()
+		if n, err := c.Write(p); err != nil || n != len(p) {
+			t.Fatalf("write: %d, %v", n, err)
+		}
+		want.Write(p)
+	}
+	expectWrites := func(n float64) {
+		t.Helper()
+		if got := testutil.ToFloat64(writes); got != n {
+			t.Fatalf("%v system writes, want %v", got, n)
+		}
+	}
+
+	write([]byte("through")) // uncorked: straight to the socket
+	expectWrites(1)
+
+	c.cork()
+	for i := range 10 {
+		write(fmt.Appendf(nil, "frame %d;", i))
+	}
+	expectWrites(1) // all buffered
+	// Nothing reached the peer yet: what it can read now is only the first write.
+	got := make([]byte, 64)
+	_ = client.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
+	n, _ := client.Read(got)
+	if string(got[:n]) != "through" {
+		t.Fatalf("peer read %q before uncork, want only %q", got[:n], "through")
+	}
+	if err := c.uncork(); err != nil {
+		t.Fatal(err)
+	}
+	expectWrites(2) // ten frames, one write
+
+	// Past corkBytes the buffer goes out while still corked.
+	c.cork()
+	big := bytes.Repeat([]byte("x"), corkBytes/2+1)
+	write(big)
+	expectWrites(2)
+	write(big) // over corkBytes: written
+	expectWrites(3)
+	write([]byte("tail"))
+	if err := c.uncork(); err != nil {
+		t.Fatal(err)
+	}
+	expectWrites(4)
+	if err := c.uncork(); err != nil { // not corked: nothing to do
+		t.Fatal(err)
+	}
+	expectWrites(4)
+
+	_ = client.SetReadDeadline(time.Now().Add(10 * time.Second))
+	rest := make([]byte, want.Len()-n)
+	if _, err := io.ReadFull(client, rest); err != nil {
+		t.Fatalf("read: %v", err)
+	}
+	if all := append(got[:n:n], rest...); !bytes.Equal(all, want.Bytes()) {
+		t.Fatalf("peer got %d bytes differing from the %d written", len(all), want.Len())
+	}
+}
+
+// A failed flush reports the error (the writer then closes the socket).
+func TestCorkConnWriteError(t *testing.T) {
+	_, server := tcpPair(t)
+	c := &corkConn{Conn: server, writes: prometheus.NewCounter(prometheus.CounterOpts{Name: "w"})}
+	c.cork()
+	if _, err := c.Write([]byte("queued")); err != nil {
+		t.Fatalf("corked write: %v", err)
+	}
+	server.Close()
+	if err := c.uncork(); !errors.Is(err, net.ErrClosed) {
+		t.Fatalf("uncork on a closed socket: %v, want net.ErrClosed", err)
+	}
+	if c.corked || c.buf != nil {
+		t.Fatal("still corked after uncork")
+	}
+}
+
+// Frames queued while the writer was not running go out in one system
+// write, each intact and in order, large ones included.
+func TestFramesQueuedTogetherShareAWrite(t *testing.T) {
+	e := newEnv(t)
+	m := e.g.metrics
+	const n = 50
+	e.del.onOpen = func(s Sink) { // before the upgrade: the frames wait for the socket
+		for i := range n {
+			content := []byte("hello")
+			if i == n-1 {
+				content = bytes.Repeat([]byte("y"), 2*corkBytes) // flushed in pieces
+			}
+			s.Deliver(&schema.Message{Version: 2.1, ID: fmt.Sprintf("q%d", i), Type: schema.TypeMessage,
+				Channel: schema.ChannelIndividual, Source: "bob", Destination: "alice", Content: content})
+		}
+	}
+	ws := e.dial(t, "", nil)
+	for i := range n {
+		_, data := read(t, ws)
+		msg, err := schema.DecodeJSON(data)
+		if err != nil || msg.ID != fmt.Sprintf("q%d", i) {
+			t.Fatalf("frame %d: %q… (%v)", i, data[:min(len(data), 80)], err)
+		}
+	}
+	waitValue(t, "frames written", m.frames, n)
+	// The handshake, then the queue: the small frames in one write, the
+	// large last one in pieces of corkBytes.
+	if got := testutil.ToFloat64(m.writes); got < 2 || got > 2+3 {
+		t.Fatalf("%v socket writes for %d queued frames", got, n)
+	}
+}
