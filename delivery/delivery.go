@@ -476,6 +476,13 @@ func (s *Service) beat(ctx context.Context, a *assets) {
 	}
 }
 
+// inlineBacklog is the number of live messages waiting for the dispatcher
+// above which it hands every message to the sessions' workers instead of
+// delivering to idle sessions itself: delivering inline saves a goroutine
+// start per session (latency), workers run in parallel (throughput). With
+// inline delivery alone, 1:1 messages flat out peaked at 12,000/s.
+const inlineBacklog = 32
+
 // dispatch routes live messages from the shared channel to the sessions of
 // their user. It never blocks on a session.
 func (s *Service) dispatch(ctx context.Context, ch <-chan *nats.Msg) {
@@ -492,9 +499,12 @@ func (s *Service) dispatch(ctx context.Context, ch <-chan *nats.Msg) {
 					// each session then skips it as poison).
 					dec, _ = schema.UnmarshalProto(m.Data)
 				}
-				now := time.Now()
+				// Deliver on this goroutine (see Session.push) unless live
+				// messages are queueing up behind it: then the sessions'
+				// workers share the work over the cores.
+				now, inline := time.Now(), len(ch) < inlineBacklog
 				for _, ss := range u.sessions {
-					ss.push(m, dec, now)
+					ss.push(m, dec, now, inline)
 				}
 			}
 			s.mu.RUnlock()

@@ -107,8 +107,15 @@
 // dirty or being retried, so an idle session costs no goroutine and a few
 // hundred bytes (its buffers are dropped when its worker exits). Inbox reads
 // are batched Direct Gets whose replies land on a channel sized for one
-// batch. The dispatcher never blocks on a session. All exported methods are safe for concurrent use. Sink methods
-// are called from the session goroutine and must not block or call Close.
+// batch. The dispatcher never blocks on a session. A live message for a
+// session with no worker and nothing queued (a connected, idle device, the
+// common case) is delivered on the dispatcher's goroutine, holding the
+// worker role for that moment; anything that needs a stream read or a
+// membership load is left to a worker it starts. A group message thus
+// reaches 1,000 idle members without starting 1,000 goroutines. All
+// exported methods are safe for concurrent use. Sink methods are called
+// one at a time (from the worker or the dispatcher) and must not block or
+// call Close.
 //
 // # Metrics
 //

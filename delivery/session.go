@@ -256,15 +256,15 @@ func (ss *Session) start() {
 // push hands a live message to the session (called by the dispatcher; it
 // never blocks). dec is m decoded, or nil. A session with no worker and
 // nothing else pending (a connected, idle device: the common case) handles
-// it on the dispatcher's goroutine (runInline); otherwise it is queued for
-// the worker. A group message reaches every member's session here: starting
+// it on the dispatcher's goroutine (runInline) if inline is set; otherwise
+// it is queued for the worker. A group message reaches every member's session here: starting
 // a worker goroutine for each (and a writer for each of those) queued them
 // all in the scheduler, 120 ms for the last of 1,000 members on 2 cores.
-func (ss *Session) push(m *nats.Msg, dec *schema.Message, now time.Time) {
+func (ss *Session) push(m *nats.Msg, dec *schema.Message, now time.Time, inline bool) {
 	ss.mu.Lock()
 	switch {
 	case ss.closing:
-	case !ss.working && !ss.woken && ss.ready && !ss.finished && len(ss.inq) == 0 && !ss.overflow:
+	case inline && !ss.working && !ss.woken && ss.ready && !ss.finished && len(ss.inq) == 0 && !ss.overflow:
 		ss.working = true // the worker role: the worker state is ours
 		ss.mu.Unlock()
 		ss.runInline(liveMsg{m, dec}, now)

@@ -71,6 +71,13 @@
 // 2.5×PingInterval is dropped. Shutdown closes every socket with 1001 and
 // waits for the loops.
 //
+// The writer takes everything queued at once and writes it with as few
+// system calls as it fits in: the socket's connection is corked (cork.go)
+// while the batch's frames are framed, then sent in one write of up to
+// 64 KiB each. A lone frame is written at once; frames only share a write
+// when they were already waiting, so batching adds no delay, and under
+// load (a busy group member) it saves most of the writes.
+//
 // # Metrics
 //
 // The collectors (metrics.go) are registered on Config.Metrics:
@@ -80,6 +87,8 @@
 // answered with an error notice is rejected),
 // vartalap_gateway_rejections_total{code} (schema.Code*),
 // vartalap_gateway_commit_messages and vartalap_gateway_commit_seconds
-// (client messages per CHAT_IN batch, publish to PubAck) and
-// vartalap_gateway_frames_written_total. Labels never carry ids.
+// (client messages per CHAT_IN batch, publish to PubAck),
+// vartalap_gateway_frames_written_total and
+// vartalap_gateway_socket_writes_total (frames queued together share a
+// write). Labels never carry ids.
 package gateway
