@@ -254,12 +254,13 @@ func (ss *Session) start() {
 }
 
 // push hands a live message to the session (called by the dispatcher; it
-// never blocks). dec is m decoded, or nil. A session with no worker and
-// nothing else pending (a connected, idle device: the common case) handles
-// it on the dispatcher's goroutine (runInline) if inline is set; otherwise
-// it is queued for the worker. A group message reaches every member's session here: starting
-// a worker goroutine for each (and a writer for each of those) queued them
-// all in the scheduler, 120 ms for the last of 1,000 members on 2 cores.
+// never blocks). dec is m decoded, or nil. If inline is set, a session with
+// no worker and nothing else pending (a connected, idle device: the common
+// case) handles it on the dispatcher's goroutine (runInline); otherwise it
+// is queued for the worker. A group message reaches every member's session
+// here: starting a worker goroutine for each (and a writer for each of
+// those) queued them all in the scheduler, 120 ms for the last of 1,000
+// members on 2 cores.
 func (ss *Session) push(m *nats.Msg, dec *schema.Message, now time.Time, inline bool) {
 	ss.mu.Lock()
 	switch {
