@@ -20,7 +20,8 @@ lint:
 
 # Go benchmarks of the hot paths
 bench:
-    go test -run '^$' -bench . -benchmem ./schema/ ./router/ ./delivery/ ./gateway/
+    go test -run '^$' -bench . -benchmem ./schema/ ./delivery/ ./gateway/ ./groups/
+    go test -run '^$' -bench . -benchmem -benchtime 20000x ./router/
 
 # Fuzz every decoder for a while
 fuzz TIME="30s":
