@@ -31,15 +31,14 @@ type corkConn struct {
 	net.Conn
 	writes prometheus.Counter // one per system write
 
-	mu     sync.Mutex
-	corked bool
-	buf    *[]byte // from corkPool while corked
+	mu  sync.Mutex
+	buf *[]byte // from corkPool while corked; nil: uncorked
 }
 
 func (c *corkConn) Write(p []byte) (int, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if !c.corked {
+	if c.buf == nil {
 		c.writes.Inc()
 		return c.Conn.Write(p)
 	}
@@ -56,11 +55,9 @@ func (c *corkConn) Write(p []byte) (int, error) {
 func (c *corkConn) cork() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.corked {
-		return
+	if c.buf == nil {
+		c.buf = corkPool.Get().(*[]byte)
 	}
-	c.corked = true
-	c.buf = corkPool.Get().(*[]byte)
 }
 
 // uncork writes what was buffered since cork and stops buffering. The
@@ -68,11 +65,10 @@ func (c *corkConn) cork() {
 func (c *corkConn) uncork() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if !c.corked {
+	if c.buf == nil {
 		return nil
 	}
 	err := c.flushLocked()
-	c.corked = false
 	if cap(*c.buf) <= 4*corkBytes {
 		corkPool.Put(c.buf)
 	}
