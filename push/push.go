@@ -218,16 +218,20 @@ const (
 	devicesCacheSize = 100_000
 )
 
-// userDevices returns user's devices, from the cache when fresh.
+// userDevices returns user's devices, from the cache when fresh; a lookup
+// is bounded by opTimeout. The slice is shared: callers must not modify it.
+// (A group message asks this once per member, so a hit allocates nothing.)
 func (s *Service) userDevices(ctx context.Context, user schema.UserID) ([]Device, error) {
 	now := time.Now()
 	s.devMu.Lock()
 	if e, ok := s.devCache[user]; ok && now.Sub(e.at) < devicesTTL {
 		s.devMu.Unlock()
-		return slices.Clone(e.devs), nil
+		return e.devs, nil
 	}
 	s.devMu.Unlock()
-	devs, err := s.devices.Devices(ctx, user)
+	lctx, cancel := context.WithTimeout(ctx, opTimeout)
+	defer cancel()
+	devs, err := s.devices.Devices(lctx, user)
 	if err != nil {
 		return nil, err
 	}

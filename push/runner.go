@@ -243,22 +243,22 @@ func (r *runner) groupTargets(ctx context.Context, log *slog.Logger, m jetstream
 // those with a live token that are not online. On error what names the
 // failed lookup.
 func (r *runner) userTargets(ctx context.Context, user schema.UserID, msg *schema.Message, out []target) (_ []target, what string, _ error) {
-	lctx, cancel := context.WithTimeout(ctx, opTimeout)
-	defer cancel()
-	devs, err := r.s.userDevices(lctx, user)
+	devs, err := r.s.userDevices(ctx, user)
 	if err != nil {
 		return nil, "devices", err
 	}
-	devs = slices.DeleteFunc(devs, func(d Device) bool { return d.Token == "" || r.s.isDead(d.Token) })
-	if len(devs) == 0 {
-		return out, "", nil
+	live := func(d Device) bool { return d.Token != "" && !r.s.isDead(d.Token) }
+	if !slices.ContainsFunc(devs, live) {
+		return out, "", nil // the common case in a big group: no lookup, no allocation
 	}
+	lctx, cancel := context.WithTimeout(ctx, opTimeout)
+	defer cancel()
 	online, err := r.s.presence.Online(lctx, user)
 	if err != nil {
 		return nil, "presence", err
 	}
 	for _, d := range devs {
-		if !slices.Contains(online, d.ID) {
+		if live(d) && !slices.Contains(online, d.ID) {
 			out = append(out, target{key: deviceKey{user, d.ID}, token: d.Token, msg: msg})
 		}
 	}
