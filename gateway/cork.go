@@ -5,6 +5,7 @@ import (
 	"net"
 	"net/http"
 	"sync"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 )
@@ -31,8 +32,23 @@ type corkConn struct {
 	net.Conn
 	writes prometheus.Counter // one per system write
 
-	mu  sync.Mutex
-	buf *[]byte // from corkPool while corked; nil: uncorked
+	mu       sync.Mutex
+	buf      *[]byte   // from corkPool while corked; nil: uncorked
+	deadline time.Time // the write deadline last set on Conn
+}
+
+// SetWriteDeadline sets the deadline on the connection unless it is
+// already set. The WebSocket library sets it before every frame and the
+// writer re-arms it only now and then (see conn.armWriteDeadline), so most
+// frames skip a timer update.
+func (c *corkConn) SetWriteDeadline(t time.Time) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if t.Equal(c.deadline) {
+		return nil
+	}
+	c.deadline = t
+	return c.Conn.SetWriteDeadline(t)
 }
 
 func (c *corkConn) Write(p []byte) (int, error) {

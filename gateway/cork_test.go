@@ -154,3 +154,45 @@ func TestFramesQueuedTogetherShareAWrite(t *testing.T) {
 		t.Fatalf("%v socket writes for %d queued frames", got, n)
 	}
 }
+
+// deadlineCounter counts the deadlines that reach the socket.
+type deadlineCounter struct {
+	net.Conn
+	sets int
+}
+
+func (d *deadlineCounter) SetWriteDeadline(t time.Time) error {
+	d.sets++
+	return d.Conn.SetWriteDeadline(t)
+}
+
+// The library sets the write deadline before every frame; corkConn passes
+// on only a changed one, and a changed one still takes effect.
+func TestCorkConnDeadlineSetOnce(t *testing.T) {
+	client, server := tcpPair(t)
+	dc := &deadlineCounter{Conn: server}
+	c := &corkConn{Conn: dc, writes: prometheus.NewCounter(prometheus.CounterOpts{Name: "w"})}
+	d := time.Now().Add(time.Minute)
+	for range 100 {
+		if err := c.SetWriteDeadline(d); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := c.Write([]byte("x")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if dc.sets != 1 {
+		t.Fatalf("%d deadlines reached the socket, want 1", dc.sets)
+	}
+	// A deadline in the past fails the next write that has to wait.
+	if err := c.SetWriteDeadline(time.Now().Add(-time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Write([]byte("y")); err == nil {
+		t.Fatal("write after an expired deadline succeeded")
+	}
+	if dc.sets != 2 {
+		t.Fatalf("%d deadlines reached the socket, want 2", dc.sets)
+	}
+	_ = client
+}

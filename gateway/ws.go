@@ -53,6 +53,9 @@ type conn struct {
 	ping     *time.Timer   // marks a ping due every PingInterval
 	done     chan struct{} // closed when the read loop has ended
 	writers  sync.WaitGroup
+	// wdeadline is the write deadline set last; only the one running
+	// writer (see writing) touches it.
+	wdeadline time.Time
 
 	mu          sync.Mutex
 	room        sync.Cond // on mu: signalled when the queue shrinks or the connection is closing
@@ -320,7 +323,7 @@ func (c *conn) writeLoop() {
 // writeFrames writes the frames queued together with as few system writes
 // as they fit in (see corkConn), under one write deadline.
 func (c *conn) writeFrames(batch []frame, wt time.Duration) error {
-	_ = c.ws.SetWriteDeadline(time.Now().Add(wt))
+	c.armWriteDeadline(wt)
 	if len(batch) == 1 {
 		return c.ws.WriteMessage(batch[0].typ, batch[0].data)
 	}
@@ -332,6 +335,16 @@ func (c *conn) writeFrames(batch []frame, wt time.Duration) error {
 		}
 	}
 	return c.nc.uncork()
+}
+
+// armWriteDeadline re-arms the write deadline when less than half of wt is
+// left: a write stuck for between wt/2 and wt fails, and a busy socket does
+// not reset a timer for every frame. Only the running writer calls it.
+func (c *conn) armWriteDeadline(wt time.Duration) {
+	if now := time.Now(); c.wdeadline.Sub(now) < wt/2 {
+		c.wdeadline = now.Add(wt)
+		_ = c.ws.SetWriteDeadline(c.wdeadline)
+	}
 }
 
 // fail marks the connection broken after a write error and closes the
