@@ -14,6 +14,7 @@ import (
 	"net/url"
 	"os"
 	"os/exec"
+	"runtime/pprof"
 	"strconv"
 	"strings"
 	"sync"
@@ -43,6 +44,7 @@ type benchConfig struct {
 	ServerPID     int
 	MetricsURL    string
 	Prefix        string
+	CPUProfile    string
 	Concurrency   int
 	Format        string
 	workerIndex   int
@@ -147,6 +149,7 @@ func parseBench(args []string, stderr io.Writer) (*benchConfig, error) {
 	fs.StringVar(&c.Prefix, "prefix", "", "username prefix (default: unique per run)")
 	fs.IntVar(&c.Concurrency, "concurrency", 100, "parallel logins and connects")
 	fs.StringVar(&c.Format, "format", "text", "WebSocket frames: text (JSON v2.1) or binary (protobuf, like the seed's v3 clients)")
+	fs.StringVar(&c.CPUProfile, "cpuprofile", "", "write the load tool's own CPU profile to this file (with --procs, one file per worker: FILE.N)")
 	fs.IntVar(&c.workerIndex, "worker-index", 0, "internal: this worker's index")
 	fs.IntVar(&c.workers, "workers", 0, "internal: number of workers (0: this is the parent)")
 	if err := fs.Parse(args[1:]); err != nil {
@@ -190,6 +193,13 @@ func bench(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	if c.workers > 0 { // a worker: run our share, print JSON
+		if c.CPUProfile != "" {
+			stop, err := startCPUProfile(c.CPUProfile + "." + strconv.Itoa(c.workerIndex))
+			if err != nil {
+				return err
+			}
+			defer stop()
+		}
 		r, err := runScenario(ctx, c, stderr)
 		if err != nil {
 			return err
@@ -200,6 +210,13 @@ func bench(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	var res *benchResult
 	if c.Procs == 1 {
 		c.workers, c.workerIndex = 1, 0
+		if c.CPUProfile != "" {
+			stop, err := startCPUProfile(c.CPUProfile)
+			if err != nil {
+				return err
+			}
+			defer stop()
+		}
 		res, err = runScenario(ctx, c, stderr)
 	} else {
 		res, err = runWorkers(ctx, c, args, stderr)
@@ -216,6 +233,20 @@ func bench(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	printResult(stdout, res)
 	return nil
+}
+
+// startCPUProfile profiles the load tool itself, to tell its cost from the
+// server's when both share a machine.
+func startCPUProfile(path string) (stop func(), err error) {
+	f, err := os.Create(path)
+	if err != nil {
+		return nil, fmt.Errorf("--cpuprofile: %w", err)
+	}
+	if err := pprof.StartCPUProfile(f); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("--cpuprofile: %w", err)
+	}
+	return func() { pprof.StopCPUProfile(); f.Close() }, nil
 }
 
 // runWorkers re-executes this binary as --procs workers and merges their results.
@@ -343,7 +374,9 @@ type loginAnswer struct {
 type session struct {
 	user, key string
 	conn      *websocket.Conn
+	raw       *ackConn
 	wmu       sync.Mutex
+	deadline  time.Time // the write deadline set last (under wmu)
 	done      chan struct{}
 	sentAt    sync.Map // id → time.Time (SERVER_ACK latency)
 	seen      map[string]bool
@@ -410,17 +443,37 @@ func (b *bencher) open(ctx context.Context, s *session) error {
 	h.Set("accesskey", s.key)
 	s.binary = b.c.Format == "binary"
 	u := "ws" + strings.TrimPrefix(b.c.URL, "http") + "/wss/?format=" + b.c.Format + "&ack=true"
-	d := websocket.Dialer{HandshakeTimeout: 30 * time.Second, ReadBufferSize: 1024, WriteBufferSize: 1024}
+	var raw *ackConn
+	d := websocket.Dialer{HandshakeTimeout: 30 * time.Second, ReadBufferSize: 1024, WriteBufferSize: 1024,
+		NetDialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			c, err := (&net.Dialer{}).DialContext(ctx, network, addr)
+			if err != nil {
+				return nil, err
+			}
+			raw = &ackConn{Conn: c}
+			return raw, nil
+		}}
 	conn, _, err := d.DialContext(ctx, u, h)
 	if err != nil {
 		return err
 	}
+	s.raw = raw
 	s.conn, s.done = conn, make(chan struct{})
 	if s.seen == nil {
 		s.seen = map[string]bool{}
 	}
 	go func() {
-		defer close(s.done)
+		// Latencies collect per socket and merge when it closes: one
+		// lock per delivery, taken by a thousand readers, cost the load
+		// tool more than the histogram itself.
+		e2e, ackLat := newHist(), newHist()
+		defer func() {
+			b.mu.Lock()
+			b.res.E2ELatency.merge(e2e)
+			b.res.AckLatency.merge(ackLat)
+			b.mu.Unlock()
+			close(s.done)
+		}()
 		for {
 			_, data, err := conn.ReadMessage()
 			if err != nil {
@@ -442,9 +495,7 @@ func (b *bencher) open(ctx context.Context, s *session) error {
 			case f.serverAck:
 				atomic.AddInt64(&b.res.ServerAcked, 1)
 				if v, ok := s.sentAt.LoadAndDelete(f.id); ok {
-					b.mu.Lock()
-					b.res.AckLatency.add(now.Sub(v.(time.Time)))
-					b.mu.Unlock()
+					ackLat.add(now.Sub(v.(time.Time)))
 				}
 				if s.acks != nil {
 					select {
@@ -462,9 +513,7 @@ func (b *bencher) open(ctx context.Context, s *session) error {
 					s.seen[f.id] = true
 					atomic.AddInt64(&b.res.Delivered, 1)
 					if f.t > 0 {
-						b.mu.Lock()
-						b.res.E2ELatency.add(now.Sub(time.Unix(0, f.t)))
-						b.mu.Unlock()
+						e2e.add(now.Sub(time.Unix(0, f.t)))
 					}
 				}
 				s.ack(f.id)
@@ -474,10 +523,23 @@ func (b *bencher) open(ctx context.Context, s *session) error {
 	return nil
 }
 
-func (s *session) write(data []byte) error {
+func (s *session) write(data []byte) error { return s.writeFrame(data, false) }
+
+// writeFrame writes one frame; a deferred one (an ack) goes out with the
+// next send or before the reader next waits for the network.
+func (s *session) writeFrame(data []byte, deferred bool) error {
 	s.wmu.Lock()
 	defer s.wmu.Unlock()
-	_ = s.conn.SetWriteDeadline(time.Now().Add(10 * time.Second))
+	if deferred {
+		s.raw.deferring(true)
+		defer s.raw.deferring(false)
+	}
+	// A write stuck for 5–10 s fails; re-arming the deadline on every
+	// frame cost a timer update per ack.
+	if now := time.Now(); s.deadline.Sub(now) < 5*time.Second {
+		s.deadline = now.Add(10 * time.Second)
+		_ = s.conn.SetWriteDeadline(s.deadline)
+	}
 	kind := websocket.TextMessage
 	if s.binary {
 		kind = websocket.BinaryMessage
@@ -488,10 +550,10 @@ func (s *session) write(data []byte) error {
 func (s *session) ack(id string) {
 	if s.binary {
 		m := schema.Message{Version: 3, ID: id, Type: schema.TypeClientAck, Channel: schema.ChannelIndividual, Ephemeral: true, Destination: schema.ServerSource}
-		_ = s.write(m.MarshalProto())
+		_ = s.writeFrame(m.MarshalProto(), true)
 		return
 	}
-	_ = s.write([]byte(`{"_v":2.1,"id":` + strconv.Quote(id) + `,"head":{"type":"INDIVIDUAL","to":"server","contentType":"CLIENT_ACK"},"body":{}}`))
+	_ = s.writeFrame([]byte(`{"_v":2.1,"id":`+strconv.Quote(id)+`,"head":{"type":"INDIVIDUAL","to":"server","contentType":"CLIENT_ACK"},"body":{}}`), true)
 }
 
 func (s *session) close() {
@@ -605,10 +667,23 @@ func (b *bencher) pump(ctx context.Context, s *session, to, channel string, perS
 	}
 	var tick <-chan time.Time
 	if perSec > 0 {
-		t := time.NewTicker(time.Duration(float64(time.Second) / perSec))
+		// A random phase, then the ticker: senders started together must
+		// not tick together (a ticker made before the sleep kept its
+		// phase, and every sender of a group sent in the same instant).
+		period := time.Duration(float64(time.Second) / perSec)
+		select {
+		case <-time.After(rand.N(period)):
+		case <-stop:
+			return
+		case <-ctx.Done():
+			return
+		}
+		t := time.NewTicker(period)
 		defer t.Stop()
 		tick = t.C
-		time.Sleep(time.Duration(rand.Int64N(int64(float64(time.Second) / max(perSec, 1)))))
+		if !next() {
+			return
+		}
 	} else {
 		s.acks = make(chan struct{}, b.c.Window)
 		for range b.c.Window {
