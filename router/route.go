@@ -293,9 +293,11 @@ func (r *Router) notice(it *item, i int, code, reason string) out {
 // store writes outs (all on one stream) in atomic batches and records the outcome on
 // their owners.
 //
-// A handful of copies are published one by one: an atomic batch has a fixed
-// cost (the server stages it in a file store of its own, with an fsynced
-// metadata write) that outweighs a few single publishes.
+// A handful of copies are published pipelined, each on its own: an atomic
+// batch has a fixed cost (the server stages it in a file store of its own,
+// with an fsynced metadata write) that outweighs a few single publishes.
+// Single publishes keep their order: the stream stores them as they arrive
+// on the router's connection.
 func (r *Router) store(ctx context.Context, items []item, outs []out, p *progress) {
 	for len(outs) > 0 {
 		n := min(len(outs), maxAtomicBatch)
@@ -312,9 +314,10 @@ func (r *Router) store(ctx context.Context, items []item, outs []out, p *progres
 			}
 			r.log.Debug("atomic batch rejected, publishing one by one", "count", len(chunk), "err", err)
 		}
-		for _, o := range chunk {
+		for i, res := range r.publishEach(ctx, chunk) {
+			o := chunk[i]
 			it := &items[o.owner]
-			switch res := r.publishOne(ctx, o.msg); {
+			switch {
 			case res == stored:
 				recordStored(items, o)
 			case res == full && o.notice:

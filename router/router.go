@@ -46,8 +46,13 @@ const (
 const (
 	// maxAtomicBatch is the server's limit of messages in one atomic batch.
 	maxAtomicBatch = 1000
-	// smallBatch is the most copies published one by one rather than as
-	// an atomic batch (see store).
+	// smallBatch is the most copies published pipelined (all sent, then
+	// every PubAck awaited) rather than as an atomic batch (see store).
+	// Measured alone under sync: always on a 2-core VM, per round: 4
+	// copies 0.7 ms pipelined, 2.4 ms atomic, 0.9 ms one by one; 8 copies
+	// 1.5 / 2.3 / 2.6 ms; 16 copies 2.9 / 2.6 / 4.4 ms. Under the direct
+	// benchmark's load a limit of 12 was no better than 4 (each pipelined
+	// copy is an fsync of its own), so the limit stays low.
 	smallBatch = 4
 	// maxDeliver bounds the deliveries of one CHAT_IN message.
 	maxDeliver = 10

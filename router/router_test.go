@@ -1081,3 +1081,37 @@ func TestRetryDelay(t *testing.T) {
 		})
 	}
 }
+
+// A pipelined round tells each copy's fate apart: stored, duplicate
+// (stored earlier, success), a full inbox, and a subject no stream takes.
+func TestPublishEach(t *testing.T) {
+	e := newEnv(t, 2, Config{Groups: &lister{}})
+	ctx := context.Background()
+	for i := range 2 { // bob's inbox is at its cap
+		if _, err := e.js.Publish(ctx, schema.UserInbox("bob"), []byte{byte(i)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	mk := func(subject, id string) out {
+		m := nats.NewMsg(subject)
+		m.Data = []byte(id)
+		m.Header.Set(jetstream.MsgIDHeader, id)
+		return out{msg: m}
+	}
+	outs := []out{
+		mk(schema.UserInbox("carol"), "c1"),
+		mk(schema.UserInbox("bob"), "b1"),
+		mk(schema.UserInbox("carol"), "c1"), // a resend
+		mk("nostream.here", "x1"),
+		mk(schema.UserInbox("carol"), "c2"),
+	}
+	got := e.r.publishEach(ctx, outs)
+	want := []result{stored, full, stored, transient, stored}
+	if !slices.Equal(got, want) {
+		t.Fatalf("results %v, want %v", got, want)
+	}
+	carol := e.inbox(t, "carol")
+	if len(carol) != 2 || string(carol[0].Data) != "c1" || string(carol[1].Data) != "c2" {
+		t.Fatalf("carol's inbox: %d messages, want c1 then c2", len(carol))
+	}
+}
