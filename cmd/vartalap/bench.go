@@ -378,8 +378,8 @@ type session struct {
 	wmu       sync.Mutex
 	deadline  time.Time // the write deadline set last (under wmu)
 	done      chan struct{}
-	sentAt    sync.Map // id → time.Time (SERVER_ACK latency)
-	seen      map[string]bool
+	sentAt    sync.Map      // id → time.Time (SERVER_ACK latency)
+	seen      idSet         // ids received, across reconnects
 	acks      chan struct{} // one token per SERVER_ACK (flat-out window)
 	closing   atomic.Bool
 	binary    bool
@@ -406,12 +406,7 @@ type jsonFrame struct {
 // decodeFrame reads a JSON text frame or a protobuf binary frame.
 func decodeFrame(data []byte, binary bool) (frameInfo, error) {
 	if binary {
-		m, err := schema.UnmarshalProto(data)
-		if err != nil {
-			return frameInfo{}, err
-		}
-		return frameInfo{id: m.ID, serverAck: m.Type == schema.TypeServerAck, error: m.Action() == "error",
-			t: bodyTime(m.Content), content: m.Content}, nil
+		return scanProto(data)
 	}
 	var f jsonFrame
 	if err := json.Unmarshal(data, &f); err != nil {
@@ -459,9 +454,6 @@ func (b *bencher) open(ctx context.Context, s *session) error {
 	}
 	s.raw = raw
 	s.conn, s.done = conn, make(chan struct{})
-	if s.seen == nil {
-		s.seen = map[string]bool{}
-	}
 	go func() {
 		// Latencies collect per socket and merge when it closes: one
 		// lock per delivery, taken by a thousand readers, cost the load
@@ -507,10 +499,9 @@ func (b *bencher) open(ctx context.Context, s *session) error {
 				b.fail(fmt.Errorf("error frame for %s: %s", f.id, f.content))
 				s.ack(f.id)
 			default:
-				if s.seen[f.id] {
+				if !s.seen.add(f.id) {
 					atomic.AddInt64(&b.res.Duplicates, 1)
 				} else {
-					s.seen[f.id] = true
 					atomic.AddInt64(&b.res.Delivered, 1)
 					if f.t > 0 {
 						e2e.add(now.Sub(time.Unix(0, f.t)))
