@@ -70,9 +70,9 @@
 // copies and notices) and only then acks the CHAT_IN messages. A CHAT_IN
 // message is acked only after all its copies are stored. When an atomic batch
 // is rejected (one holding a resend already stored is rejected as a whole)
-// its copies are published one by one to isolate the failure: a duplicate is
-// success, a full inbox is answered with a notice, anything else is transient
-// and the CHAT_IN message is negatively acknowledged with a delay growing
+// its copies are published each on its own (pipelined) to isolate the
+// failure: a duplicate is success, a full inbox is answered with a notice,
+// anything else is transient and the CHAT_IN message is negatively acknowledged with a delay growing
 // with its delivery count (capped below the duplicate window, so a retry
 // stores each copy once). A CHAT_IN batch is acked or retried as a whole. An
 // undecodable CHAT_IN message is terminated and logged, never retried; an

@@ -312,7 +312,7 @@ func (r *Router) store(ctx context.Context, items []item, outs []out, p *progres
 				}
 				continue
 			}
-			r.log.Debug("atomic batch rejected, publishing one by one", "count", len(chunk), "err", err)
+			r.log.Debug("atomic batch rejected, publishing each copy on its own", "count", len(chunk), "err", err)
 		}
 		for i, res := range r.publishEach(ctx, chunk) {
 			o := chunk[i]
