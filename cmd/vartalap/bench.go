@@ -658,18 +658,10 @@ func (b *bencher) pump(ctx context.Context, s *session, to, channel string, perS
 	}
 	var tick <-chan time.Time
 	if perSec > 0 {
-		// A random phase, then the ticker: senders started together must
-		// not tick together (a ticker made before the sleep kept its
-		// phase, and every sender of a group sent in the same instant).
-		period := time.Duration(float64(time.Second) / perSec)
-		select {
-		case <-time.After(rand.N(period)):
-		case <-stop:
-			return
-		case <-ctx.Done():
+		t := phasedTicker(ctx, time.Duration(float64(time.Second)/perSec), stop)
+		if t == nil {
 			return
 		}
-		t := time.NewTicker(period)
 		defer t.Stop()
 		tick = t.C
 		if !next() {
@@ -704,6 +696,22 @@ func (b *bencher) pump(ctx context.Context, s *session, to, channel string, perS
 			return
 		}
 	}
+}
+
+// phasedTicker waits a random part of period, then returns a ticker of
+// period: senders started together do not tick together. (A ticker made
+// before the wait kept its phase, and every sender of a group sent in the
+// same instant.) Nil when stop or ctx ends first.
+func phasedTicker(ctx context.Context, period time.Duration, stop <-chan struct{}) *time.Ticker {
+	t := time.NewTimer(rand.N(period))
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return time.NewTicker(period)
+	case <-stop:
+	case <-ctx.Done():
+	}
+	return nil
 }
 
 // drain waits until every server-acked message is delivered (or 15s pass)

@@ -2,7 +2,9 @@ package main
 
 import (
 	"fmt"
+	"slices"
 	"testing"
+	"time"
 
 	"github.com/vartalap/vartalap/schema"
 )
@@ -63,5 +65,30 @@ func TestIDSet(t *testing.T) {
 	}
 	if s.add("bu1-2") != true {
 		t.Fatal("bu1-2 is new")
+	}
+}
+
+// Senders started together tick at spread-out phases, not in the same
+// instant (the load tool's session-4 bug: ten group senders sent
+// together every period).
+func TestPhasedTickersSpread(t *testing.T) {
+	const senders, period = 10, 200 * time.Millisecond
+	ticks := make(chan time.Time, senders)
+	start := time.Now()
+	for range senders {
+		go func() {
+			tk := phasedTicker(t.Context(), period, nil)
+			defer tk.Stop()
+			ticks <- <-tk.C // the first tick after the phase
+		}()
+	}
+	var offsets []time.Duration
+	for range senders {
+		offsets = append(offsets, (<-ticks).Sub(start)%period)
+	}
+	slices.Sort(offsets)
+	// Ten uniform phases all within a tenth of the period: odds ~1e-8.
+	if spread := offsets[senders-1] - offsets[0]; spread < period/10 {
+		t.Fatalf("ticks within %v of each other (phases %v): senders tick together", spread, offsets)
 	}
 }
