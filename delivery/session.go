@@ -24,7 +24,9 @@ import (
 // block, or every session on the node waits.
 type Sink interface {
 	// Deliver enqueues one message without blocking; false means the
-	// outbound queue is full (a slow consumer).
+	// outbound queue is full (a slow consumer). m is not modified after
+	// the call: the dispatcher hands one decoded group message to every
+	// member's sink, and a sink may share its encoding between them.
 	Deliver(m *schema.Message) bool
 	// Close asks the connection to close with a WebSocket close code
 	// (CloseLoggedOut, CloseReplaced, CloseSlowConsumer, CloseGoingAway). It

@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/gorilla/websocket"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
@@ -195,4 +196,27 @@ func TestCorkConnDeadlineSetOnce(t *testing.T) {
 		t.Fatalf("%d deadlines reached the socket, want 2", dc.sets)
 	}
 	_ = client
+}
+
+// A message delivered to many sockets is encoded once per format, and each
+// socket still gets its own format.
+func TestRenderShared(t *testing.T) {
+	g := &Gateway{}
+	bin, txt := &conn{g: g, binary: true}, &conn{g: g}
+	m := &schema.Message{Version: 3, ID: "m1", Type: schema.TypeMessage, Channel: schema.ChannelGroup, Source: "alice", Destination: "team", Content: []byte(`{"text":"hi"}`)}
+	b1, b2 := bin.render(m), (&conn{g: g, binary: true}).render(m)
+	if &b1.data[0] != &b2.data[0] {
+		t.Fatal("the same message was encoded twice for binary sockets")
+	}
+	if !bytes.Equal(b1.data, m.MarshalProto()) || b1.typ != websocket.BinaryMessage {
+		t.Fatal("binary frame differs from MarshalProto")
+	}
+	j := txt.render(m)
+	if !bytes.Equal(j.data, schema.RenderJSON(m)) || j.typ != websocket.TextMessage {
+		t.Fatal("text frame differs from RenderJSON")
+	}
+	other := &schema.Message{Version: 3, ID: "m2", Type: schema.TypeMessage, Channel: schema.ChannelGroup, Source: "alice", Destination: "team"}
+	if b3 := bin.render(other); !bytes.Equal(b3.data, other.MarshalProto()) {
+		t.Fatal("a second message got the first one's frame")
+	}
 }

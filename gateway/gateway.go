@@ -133,7 +133,9 @@ type Gateway struct {
 	burst     int
 	origins   []string
 	commit    *committer // group commit of CHAT_IN publishes
-	metrics   *metrics
+	// The last message rendered per format (see conn.render).
+	lastProto, lastJSON atomic.Pointer[rendered]
+	metrics             *metrics
 
 	// ctx is the context of the socket goroutines (they outlive their HTTP
 	// requests); Shutdown cancels it.

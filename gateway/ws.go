@@ -112,11 +112,28 @@ func (c *conn) closing() bool {
 
 func (c *conn) closingLocked() bool { return c.closeReq || c.readDone || c.broken }
 
+// render encodes m for this connection. The last message encoded in each
+// format is kept: a group message reaches every member's socket as the
+// same *schema.Message (delivery.Sink: not modified once delivered), so a
+// 1,000-member fan-out encodes it once per format instead of 1,000 times.
+// Frames are never modified once rendered, so sockets share the bytes.
 func (c *conn) render(m *schema.Message) frame {
+	last, enc, typ := &c.g.lastJSON, schema.RenderJSON, websocket.TextMessage
 	if c.binary {
-		return frame{websocket.BinaryMessage, m.MarshalProto()}
+		last, enc, typ = &c.g.lastProto, (*schema.Message).MarshalProto, websocket.BinaryMessage
 	}
-	return frame{websocket.TextMessage, schema.RenderJSON(m)}
+	if r := last.Load(); r != nil && r.m == m {
+		return frame{typ, r.data}
+	}
+	data := enc(m)
+	last.Store(&rendered{m, data})
+	return frame{typ, data}
+}
+
+// rendered is a message and its encoding in one format.
+type rendered struct {
+	m    *schema.Message
+	data []byte
 }
 
 // send enqueues a frame produced by the read loop (pong, SERVER_ACK, error
