@@ -53,10 +53,9 @@ type conn struct {
 	ping     *time.Timer   // marks a ping due every PingInterval
 	done     chan struct{} // closed when the read loop has ended
 	writers  sync.WaitGroup
-	// wdeadline is the write deadline set last; only the one running
-	// writer (see writing) touches it.
-	wdeadline time.Time
-	rdeadline time.Time // the read deadline set last; the read loop's
+	// The deadlines set last: wdeadline is touched only by the one
+	// running writer (see writing), rdeadline only by the read loop.
+	wdeadline, rdeadline time.Time
 
 	mu          sync.Mutex
 	room        sync.Cond // on mu: signalled when the queue shrinks or the connection is closing
