@@ -131,17 +131,35 @@ func TestGapRepair(t *testing.T) {
 			sub := e.svc.users["bob"].sub
 			ch := e.svc.liveCh
 			e.svc.mu.RUnlock()
+			// m0 may have come by the catch-up read with its live copy
+			// still on the way: let it reach the dispatcher first, or the
+			// dispatcher stalls on m0 below and m1 never leaves the channel.
+			// (The republish is queued before the PubAck, so a round trip
+			// on the service's connection brings it in.)
+			if err := e.svc.nc.Flush(); err != nil {
+				t.Fatal(err)
+			}
+			waitFor(t, "m0's live copy taken", func() bool { return len(ch) == 0 })
 
 			// Stall the dispatcher: it takes m1 and blocks on the lock; m2
 			// fills the one-slot channel; m3..m5 are dropped by the client.
 			e.svc.mu.Lock()
+			unlock := sync.OnceFunc(e.svc.mu.Unlock)
+			defer unlock() // a failure below must not leave the service locked (its shutdown would hang)
+			flush := func() {
+				if err := e.svc.nc.Flush(); err != nil {
+					t.Fatal(err)
+				}
+			}
 			e.publish(t, "bob", "m1")
+			flush() // m1 is in the channel or taken
 			waitFor(t, "dispatcher to take m1", func() bool { return len(ch) == 0 })
 			for _, id := range []string{"m2", "m3", "m4", "m5"} {
 				e.publish(t, "bob", id) // the PubAck arrives after the republish was handled
 			}
+			flush() // the client library has handled (or dropped) m2..m5
 			dropped, err := sub.Dropped()
-			e.svc.mu.Unlock()
+			unlock()
 			if err != nil || dropped != 3 {
 				t.Fatalf("dropped = %d, %v; want 3 (test setup)", dropped, err)
 			}
