@@ -220,3 +220,104 @@ func TestRenderShared(t *testing.T) {
 		t.Fatal("a second message got the first one's frame")
 	}
 }
+
+// Frames to a busy socket wait WriteCoalesce and share one write; a
+// frame to a socket without that history, or quiet for longer, goes out at
+// once.
+func TestWriteCoalesce(t *testing.T) {
+	const coalesce = 2 * time.Second
+	e := newEnv(t, withConfig(func(c *Config) { c.WriteCoalesce = coalesce }))
+	m := e.g.metrics
+	ws := e.dial(t, "", nil)
+	sink := e.del.lastSession(t, "alice").sink
+	deliver := func(id string) {
+		t.Helper()
+		if !sink.Deliver(&schema.Message{Version: 2.1, ID: id, Type: schema.TypeMessage,
+			Channel: schema.ChannelIndividual, Source: "bob", Destination: "alice", Content: []byte("hi")}) {
+			t.Fatalf("deliver %s refused", id)
+		}
+	}
+	expect := func(id string, within time.Duration) {
+		t.Helper()
+		_ = ws.SetReadDeadline(time.Now().Add(within))
+		_, data, err := ws.ReadMessage()
+		if err != nil {
+			t.Fatalf("reading %s: %v", id, err)
+		}
+		if msg, err := schema.DecodeJSON(data); err != nil || msg.ID != id {
+			t.Fatalf("got %q (%v), want %s", data, err, id)
+		}
+	}
+	waitValue(t, "socket writes", m.writes, 1) // the handshake
+
+	// No history yet: each at once. Two frames close together make the
+	// socket busy.
+	deliver("m0")
+	expect("m0", coalesce*3/4)
+	deliver("m1")
+	expect("m1", coalesce*3/4)
+	waitValue(t, "socket writes", m.writes, 3)
+
+	start := time.Now()
+	for i := 2; i <= 10; i++ { // busy: they wait, together
+		deliver(fmt.Sprintf("m%d", i))
+		time.Sleep(time.Millisecond)
+	}
+	for i := 2; i <= 10; i++ {
+		expect(fmt.Sprintf("m%d", i), 10*time.Second)
+	}
+	if held := time.Since(start); held < coalesce/2 {
+		t.Fatalf("frames to a busy socket came after %v, want them held about %v", held, coalesce)
+	}
+	waitValue(t, "frames written", m.frames, 11)
+	if got := testutil.ToFloat64(m.writes); got != 4 {
+		t.Fatalf("%v socket writes for the handshake and 11 frames, want 4", got)
+	}
+
+	time.Sleep(coalesce + 100*time.Millisecond) // quiet: at once again
+	deliver("m11")
+	expect("m11", coalesce*3/4)
+}
+
+// The rules of coalesceWait, one by one.
+func TestCoalesceWait(t *testing.T) {
+	const d = 10 * time.Second // long, so the test's own pauses do not count
+	now := time.Now()
+	c := &conn{g: &Gateway{cfg: Config{WriteCoalesce: d}}}
+	if w := c.coalesceWait(now); w != 0 {
+		t.Fatalf("never written: wait %v, want 0", w)
+	}
+	c.noteWrite(now.Add(-10*time.Millisecond), 1)
+	if w := c.coalesceWait(now); w != 0 {
+		t.Fatalf("written once (no frame gap known): wait %v, want 0", w)
+	}
+	c.noteWrite(now.Add(-5*time.Millisecond), 1)
+	if c.frameGap != 5*time.Millisecond {
+		t.Fatalf("frame gap %v after writes 5ms apart", c.frameGap)
+	}
+	if w := c.coalesceWait(now); w < d/2 || w > d {
+		t.Fatalf("busy: wait %v, want about %v", w, d)
+	}
+	if w := c.coalesceWait(now.Add(-d)); w > 0 {
+		t.Fatalf("frames found %v ago: wait %v, want 0", d, w)
+	}
+	if w := c.coalesceWait(now.Add(d)); w != 0 {
+		t.Fatalf("quiet for WriteCoalesce since the last write: wait %v, want 0", w)
+	}
+	c.q = make([]frame, coalesceFrames)
+	if w := c.coalesceWait(now); w != 0 {
+		t.Fatalf("%d frames queued: wait %v, want 0", coalesceFrames, w)
+	}
+	c.q = nil
+	// Four frames in one write 40 s after the last: 10 s apart on average,
+	// and the moving average moves a quarter of the way.
+	c.noteWrite(c.lastWrite.Add(40*time.Second), 4)
+	if want := 5*time.Millisecond + (10*time.Second-5*time.Millisecond)/4; c.frameGap != want {
+		t.Fatalf("frame gap %v, want %v", c.frameGap, want)
+	}
+	c.frameGap = time.Millisecond
+	c.g.cfg.WriteCoalesce = 0
+	if w := c.coalesceWait(c.lastWrite); w != 0 {
+		t.Fatalf("coalescing off: wait %v, want 0", w)
+	}
+}

@@ -56,6 +56,11 @@ type conn struct {
 	// The deadlines set last: wdeadline is touched only by the one
 	// running writer (see writing), rdeadline only by the read loop.
 	wdeadline, rdeadline time.Time
+	// lastWrite is when the last batch of frames was written, frameGap
+	// the recent time between frames; only the running writer touches them
+	// (see coalesceWait).
+	lastWrite time.Time
+	frameGap  time.Duration
 
 	mu          sync.Mutex
 	room        sync.Cond // on mu: signalled when the queue shrinks or the connection is closing
@@ -297,6 +302,11 @@ func (c *conn) writeLoop() {
 	defer c.writers.Done()
 	wt := c.g.cfg.WriteTimeout
 	var batch []frame
+	coalesce := c.g.cfg.WriteCoalesce > 0
+	var since time.Time // when the frames now queued were found
+	if coalesce {
+		since = time.Now()
+	}
 	for {
 		c.mu.Lock()
 		switch {
@@ -322,12 +332,21 @@ func (c *conn) writeLoop() {
 			c.mu.Unlock()
 			return
 		}
+		if wait := c.coalesceWait(since); coalesce && wait > 0 {
+			c.mu.Unlock()
+			time.Sleep(wait) // frames queued meanwhile join the batch
+			continue
+		}
 		batch, c.q = c.q, batch[:0]
 		c.mu.Unlock()
 		if err := c.writeFrames(batch, wt); err != nil {
 			c.logger().Info("write failed", "err", err)
 			c.fail()
 			continue // broken: the loop ends
+		}
+		if coalesce {
+			c.noteWrite(time.Now(), len(batch))
+			since = c.lastWrite
 		}
 		c.g.metrics.frames.Add(float64(len(batch)))
 		c.mu.Lock()
@@ -336,6 +355,43 @@ func (c *conn) writeLoop() {
 		c.mu.Unlock()
 		clear(batch)
 	}
+}
+
+// coalesceFrames is the queue length at which the writer does not wait
+// for more (see coalesceWait): eight frames already share a write, and a
+// delivery session refilling its window after a batch of acks (a catch-up
+// on connect) must not wait for the interval each time.
+const coalesceFrames = 8
+
+// coalesceWait is how long the writer holds the frames it found at since
+// before writing them. A busy socket, one whose frames have lately come
+// less than Config.WriteCoalesce apart (see noteWrite) and was written
+// less than that before since, holds them until WriteCoalesce after since,
+// so that the next ones share the write (Nagle's rule, with a time instead
+// of an ack). Frames to a socket with sparser traffic, to one that has
+// been quiet, or coalesceFrames of them, go out at once. A close frame
+// and a ping never wait (they are handled before). Called with mu held.
+func (c *conn) coalesceWait(since time.Time) time.Duration {
+	d := c.g.cfg.WriteCoalesce
+	if d <= 0 || c.frameGap == 0 || c.frameGap >= d || since.Sub(c.lastWrite) >= d || len(c.q) >= coalesceFrames {
+		return 0
+	}
+	return d - time.Since(since)
+}
+
+// noteWrite records a write of n frames at now: frameGap follows the time
+// between frames (a moving average over about the last four writes; the
+// first write leaves it 0, unknown). Only the running writer calls it.
+func (c *conn) noteWrite(now time.Time, n int) {
+	if !c.lastWrite.IsZero() {
+		gap := now.Sub(c.lastWrite) / time.Duration(n)
+		if c.frameGap == 0 {
+			c.frameGap = gap
+		} else {
+			c.frameGap += (gap - c.frameGap) / 4
+		}
+	}
+	c.lastWrite = now
 }
 
 // writeFrames writes the frames queued together with as few system writes

@@ -258,6 +258,7 @@ func build(ctx context.Context, c *serveConfig, pool *conns, reg *prometheus.Reg
 			Ready:         a.ready,
 			Static:        webclient.FS(),
 			RatePerSecond: c.WSRate,
+			WriteCoalesce: c.WSCoalesce,
 			Node:          gatewayNode(c, a.delivery),
 			Metrics:       reg,
 		})
