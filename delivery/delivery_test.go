@@ -244,6 +244,28 @@ func TestAckAndReconnect(t *testing.T) {
 	}
 }
 
+// Messages read from a stream (catch-up, redelivery) are followed by a
+// Flush of the sink, so a gateway holding frames to share writes sends
+// them at once; live messages are not.
+func TestFlushAfterStreamReads(t *testing.T) {
+	e := newEnv(t, Config{AckTimeout: time.Second}, nil)
+	want := e.publishN(t, "bob", "m", 5)
+	k := &testSink{}
+	ss := e.open(t, "bob", "phone", k)
+	waitIDs(t, k, want)
+	waitFor(t, "a flush after the catch-up", func() bool { _, at := k.flushState(); return at == 5 })
+	ss.Ack(want...)
+	n, _ := k.flushState()
+
+	e.publish(t, "bob", "live")
+	waitIDs(t, k, append(want, "live"))
+	if got, _ := k.flushState(); got != n {
+		t.Fatalf("a live message flushed the sink (%d flushes, %d before)", got, n)
+	}
+	waitFor(t, "live redelivered", func() bool { return k.count("live") >= 2 })
+	waitFor(t, "a flush after the redelivery", func() bool { got, at := k.flushState(); return got > n && at >= 7 })
+}
+
 func TestAckTimeoutRedelivery(t *testing.T) {
 	e := newEnv(t, Config{AckTimeout: 150 * time.Millisecond}, nil)
 	k := &testSink{}

@@ -36,6 +36,21 @@ type testSink struct {
 	closes int
 	acked  int // acks the test sent (for the window invariant)
 	maxOut int // highest delivered-minus-acked seen
+	// flushes counts Flush calls; flushedAt is len(got) at the last one.
+	flushes, flushedAt int
+}
+
+func (k *testSink) Flush() {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	k.flushes++
+	k.flushedAt = len(k.got)
+}
+
+func (k *testSink) flushState() (n, at int) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return k.flushes, k.flushedAt
 }
 
 func (k *testSink) Deliver(m *schema.Message) bool {

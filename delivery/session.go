@@ -34,6 +34,15 @@ type Sink interface {
 	Close(code int, reason string)
 }
 
+// Flusher is a Sink that may hold frames back so that several share a
+// socket write (the gateway's WriteCoalesce holds frames to a busy socket).
+// A session calls Flush after handing it messages read from a stream (a
+// catch-up or a redelivery): the next ones come when the device acks
+// these, so holding them would only add a wait to every round.
+type Flusher interface {
+	Flush()
+}
+
 // Session delivers one user's inbox to one device connection. Its state is
 // owned by its worker goroutine, which exists only while there is work: a
 // signal (a live message, acks, a close, a due timer) starts it unless it
@@ -83,6 +92,9 @@ type Session struct {
 	forgotten bool          // the device's cursor was dropped (logout)
 	purgeDue  bool          // a flush skipped its purge (too soon after the last): purge at lastPurge+purgeEvery
 	flushing  bool          // a background cursor write (or purge) runs
+	// fromStream: this step handed the sink messages read from a stream
+	// (see Flusher).
+	fromStream bool
 }
 
 // groupsAux is the part of a session's group state that most sessions
@@ -422,10 +434,18 @@ func (ss *Session) step() (time.Time, bool) {
 	if ss.refill() {
 		for l := range ss.lanes() {
 			if l.behind && !now.Before(l.retryAt) && ss.inFlight < ss.s.cfg.MaxInFlight {
+				before := ss.inFlight
 				if !ss.fill(l, now) {
 					return now, false
 				}
+				ss.fromStream = ss.fromStream || ss.inFlight > before
 			}
+		}
+	}
+	if ss.fromStream {
+		ss.fromStream = false
+		if f, ok := ss.sink.(Flusher); ok {
+			f.Flush()
 		}
 	}
 	ss.pruneGroups()
@@ -753,6 +773,7 @@ func (ss *Session) redeliverLane(l *lane, now time.Time) bool {
 			dead = true
 			return false
 		}
+		ss.fromStream = true
 		ss.s.metrics.redelivered.Inc()
 		return true
 	})

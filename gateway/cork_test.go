@@ -222,8 +222,8 @@ func TestRenderShared(t *testing.T) {
 }
 
 // Frames to a busy socket wait WriteCoalesce and share one write; a
-// frame to a socket without that history, or quiet for longer, goes out at
-// once.
+// frame to a socket without that history, quiet for longer, or followed by
+// a Flush goes out at once.
 func TestWriteCoalesce(t *testing.T) {
 	const coalesce = 2 * time.Second
 	e := newEnv(t, withConfig(func(c *Config) { c.WriteCoalesce = coalesce }))
@@ -274,9 +274,13 @@ func TestWriteCoalesce(t *testing.T) {
 		t.Fatalf("%v socket writes for the handshake and 11 frames, want 4", got)
 	}
 
-	time.Sleep(coalesce + 100*time.Millisecond) // quiet: at once again
-	deliver("m11")
+	deliver("m11") // busy: held, until a Flush (after a catch-up)
+	sink.Flush()
 	expect("m11", coalesce*3/4)
+
+	time.Sleep(coalesce + 100*time.Millisecond) // quiet: at once again
+	deliver("m12")
+	expect("m12", coalesce*3/4)
 }
 
 // The rules of coalesceWait, one by one.
@@ -316,7 +320,7 @@ func TestCoalesceWait(t *testing.T) {
 		t.Fatalf("frame gap %v, want %v", c.frameGap, want)
 	}
 	c.frameGap = time.Millisecond
-	c.g.cfg.WriteCoalesce = 0
+	c.g.cfg.WriteCoalesce = -1
 	if w := c.coalesceWait(c.lastWrite); w != 0 {
 		t.Fatalf("coalescing off: wait %v, want 0", w)
 	}

@@ -74,9 +74,13 @@
 // The writer takes everything queued at once and writes it with as few
 // system calls as it fits in: the socket's connection is corked (cork.go)
 // while the batch's frames are framed, then sent in one write of up to
-// 64 KiB each. A lone frame is written at once; frames only share a write
-// when they were already waiting, so batching adds no delay, and under
-// load (a busy group member) it saves most of the writes.
+// 64 KiB each. Frames to a busy socket (frames lately less than
+// Config.WriteCoalesce apart, e.g. a member of a group getting 100
+// messages/s) are held up to WriteCoalesce so that more join them: at 100
+// group messages/s to 1,000 members that is about six frames per write
+// instead of one or two, and the members' acks come back one write per
+// read. Other sockets' frames, 8 queued frames and a catch-up (the delivery
+// session calls Sink.Flush after frames read from a stream) go out at once.
 //
 // # Metrics
 //

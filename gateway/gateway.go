@@ -35,6 +35,10 @@ type Sink interface {
 	// Close closes the socket with this WebSocket close code and reason. It
 	// never blocks and is idempotent: only the first call counts.
 	Close(code int, reason string)
+	// Flush sends what is queued without holding it for Config.WriteCoalesce:
+	// called after messages read from a stream (a catch-up), whose next
+	// ones come only when the device acks these. It never blocks.
+	Flush()
 }
 
 // Session is the delivery session of one connection.
@@ -86,11 +90,10 @@ type Config struct {
 	// less than this apart (over 25 a second at the default) and it was
 	// written less than this ago: a member of a busy group then gets
 	// several frames per system call (and answers them with one read's
-	// acks) instead of one each. Frames to other sockets, and 8 or more
-	// queued frames, go out at once. Default 0: every frame is written as
-	// soon as possible. 40ms lets two cores carry a 1,000-member group at
-	// 100 messages/s with a lower p99, but it slows a catch-up that comes
-	// in small pieces (BENCHMARKS.md), so it is not on by default.
+	// acks) instead of one each. Frames to other sockets, 8 or more queued
+	// frames, and frames followed by Sink.Flush (a catch-up) go out at
+	// once. Default 40ms; negative: every frame is written as soon as
+	// possible.
 	WriteCoalesce time.Duration
 	// PublishTimeout bounds the wait for a JetStream PubAck. Default 5s.
 	PublishTimeout time.Duration
@@ -121,6 +124,7 @@ const (
 	DefaultOutboundQueue   = 256
 	DefaultPingInterval    = 30 * time.Second
 	DefaultWriteTimeout    = 10 * time.Second
+	DefaultWriteCoalesce   = 40 * time.Millisecond
 	DefaultPublishTimeout  = 5 * time.Second
 	DefaultRatePerSecond   = 50
 	DefaultMaxRESTMessages = 100
@@ -190,6 +194,9 @@ func New(cfg Config) (*Gateway, error) {
 	}
 	if cfg.PingInterval == 0 {
 		cfg.PingInterval = DefaultPingInterval
+	}
+	if cfg.WriteCoalesce == 0 {
+		cfg.WriteCoalesce = DefaultWriteCoalesce
 	}
 	if cfg.WriteTimeout == 0 {
 		cfg.WriteTimeout = DefaultWriteTimeout

@@ -74,6 +74,10 @@ type conn struct {
 	closeReason string
 	broken      bool // a write failed; the socket is closed
 	readDone    bool // the read loop has ended: start no writer
+	urgent      bool // Flush: write what is queued without coalescing
+	// wake interrupts a writer holding frames (coalesceWait); made by the
+	// first writer that waits.
+	wake chan struct{}
 }
 
 // Deliver implements Sink: render m for this connection and enqueue it
@@ -92,6 +96,25 @@ func (c *conn) Deliver(m *schema.Message) bool {
 	return true
 }
 
+// Flush implements delivery.Flusher: what is queued goes out without
+// waiting for more (frames read from a stream, a catch-up). Non-blocking.
+func (c *conn) Flush() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.urgent = true
+	c.wakeLocked()
+}
+
+// wakeLocked interrupts a writer holding frames back (see coalesceWait).
+func (c *conn) wakeLocked() {
+	if c.wake != nil {
+		select {
+		case c.wake <- struct{}{}:
+		default:
+		}
+	}
+}
+
 // Close implements Sink: ask the writer to close the socket with code and
 // reason. Non-blocking; only the first call counts.
 func (c *conn) Close(code int, reason string) {
@@ -105,6 +128,7 @@ func (c *conn) Close(code int, reason string) {
 	}
 	c.closeReq, c.closeCode, c.closeReason = true, code, reason
 	c.room.Broadcast()
+	c.wakeLocked()
 	c.startWriterLocked()
 }
 
@@ -333,11 +357,20 @@ func (c *conn) writeLoop() {
 			return
 		}
 		if wait := c.coalesceWait(since); coalesce && wait > 0 {
+			if c.wake == nil {
+				c.wake = make(chan struct{}, 1)
+			}
+			wake := c.wake
 			c.mu.Unlock()
-			time.Sleep(wait) // frames queued meanwhile join the batch
+			t := time.NewTimer(wait) // frames queued meanwhile join the batch
+			select {
+			case <-t.C:
+			case <-wake: // Flush or Close
+				t.Stop()
+			}
 			continue
 		}
-		batch, c.q = c.q, batch[:0]
+		batch, c.q, c.urgent = c.q, batch[:0], false
 		c.mu.Unlock()
 		if err := c.writeFrames(batch, wt); err != nil {
 			c.logger().Info("write failed", "err", err)
@@ -369,11 +402,12 @@ const coalesceFrames = 8
 // less than that before since, holds them until WriteCoalesce after since,
 // so that the next ones share the write (Nagle's rule, with a time instead
 // of an ack). Frames to a socket with sparser traffic, to one that has
-// been quiet, or coalesceFrames of them, go out at once. A close frame
+// been quiet, coalesceFrames of them, or frames after a Flush go out at
+// once. A close frame
 // and a ping never wait (they are handled before). Called with mu held.
 func (c *conn) coalesceWait(since time.Time) time.Duration {
 	d := c.g.cfg.WriteCoalesce
-	if d <= 0 || c.frameGap == 0 || c.frameGap >= d || since.Sub(c.lastWrite) >= d || len(c.q) >= coalesceFrames {
+	if d <= 0 || c.urgent || c.frameGap == 0 || c.frameGap >= d || since.Sub(c.lastWrite) >= d || len(c.q) >= coalesceFrames {
 		return 0
 	}
 	return d - time.Since(since)

@@ -258,7 +258,7 @@ func build(ctx context.Context, c *serveConfig, pool *conns, reg *prometheus.Reg
 			Ready:         a.ready,
 			Static:        webclient.FS(),
 			RatePerSecond: c.WSRate,
-			WriteCoalesce: c.WSCoalesce,
+			WriteCoalesce: coalesce(c.WSCoalesce),
 			Node:          gatewayNode(c, a.delivery),
 			Metrics:       reg,
 		})
@@ -581,6 +581,10 @@ func (m *metricsServer) shutdown(ctx context.Context) {
 // the delivery package.
 type deliveryAdapter struct{ d *delivery.Service }
 
+// A gateway connection holds frames to share writes (--ws-coalesce); a
+// delivery session flushes it after a catch-up.
+var _ delivery.Flusher = gateway.Sink(nil)
+
 func (a deliveryAdapter) Open(ctx context.Context, u schema.UserID, dev schema.DeviceID, sink gateway.Sink) (gateway.Session, error) {
 	s, err := a.d.Open(ctx, u, dev, sink)
 	if err != nil {
@@ -634,4 +638,13 @@ func (p pushDevices) Devices(ctx context.Context, u schema.UserID) ([]push.Devic
 
 func (p pushDevices) RemoveToken(ctx context.Context, u schema.UserID, dev schema.DeviceID, token string) error {
 	return p.d.RemoveToken(ctx, u, dev, token)
+}
+
+// coalesce maps --ws-coalesce (0: off) to gateway.Config.WriteCoalesce
+// (0: the default, negative: off).
+func coalesce(d time.Duration) time.Duration {
+	if d == 0 {
+		return -1
+	}
+	return d
 }
