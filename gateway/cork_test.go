@@ -259,28 +259,29 @@ func TestWriteCoalesce(t *testing.T) {
 	waitValue(t, "socket writes", m.writes, 3)
 
 	start := time.Now()
-	for i := 2; i <= 10; i++ { // busy: they wait, together
+	const held = coalesceFrames - 2 // fewer than wake the writer
+	for i := 2; i < 2+held; i++ {   // busy: they wait, together
 		deliver(fmt.Sprintf("m%d", i))
 		time.Sleep(time.Millisecond)
 	}
-	for i := 2; i <= 10; i++ {
+	for i := 2; i < 2+held; i++ {
 		expect(fmt.Sprintf("m%d", i), 10*time.Second)
 	}
-	if held := time.Since(start); held < coalesce/2 {
-		t.Fatalf("frames to a busy socket came after %v, want them held about %v", held, coalesce)
+	if waited := time.Since(start); waited < coalesce/2 {
+		t.Fatalf("frames to a busy socket came after %v, want them held about %v", waited, coalesce)
 	}
-	waitValue(t, "frames written", m.frames, 11)
+	waitValue(t, "frames written", m.frames, 2+held)
 	if got := testutil.ToFloat64(m.writes); got != 4 {
-		t.Fatalf("%v socket writes for the handshake and 11 frames, want 4", got)
+		t.Fatalf("%v socket writes for the handshake and %d frames, want 4", got, 2+held)
 	}
 
-	deliver("m11") // busy: held, until a Flush (after a catch-up)
+	deliver("f") // busy: held, until a Flush (after a catch-up)
 	sink.Flush()
-	expect("m11", coalesce*3/4)
+	expect("f", coalesce*3/4)
 
 	time.Sleep(coalesce + 100*time.Millisecond) // quiet: at once again
-	deliver("m12")
-	expect("m12", coalesce*3/4)
+	deliver("q")
+	expect("q", coalesce*3/4)
 }
 
 // The rules of coalesceWait, one by one.
@@ -323,5 +324,36 @@ func TestCoalesceWait(t *testing.T) {
 	c.g.cfg.WriteCoalesce = -1
 	if w := c.coalesceWait(c.lastWrite); w != 0 {
 		t.Fatalf("coalescing off: wait %v, want 0", w)
+	}
+}
+
+// A writer holding frames for a busy socket writes as soon as
+// coalesceFrames are queued, so a fast stream does not fill the queue.
+func TestWriteCoalesceWakesOnFullBatch(t *testing.T) {
+	e := newEnv(t, withConfig(func(c *Config) { c.WriteCoalesce = time.Minute }))
+	ws := e.dial(t, "", nil)
+	sink := e.del.lastSession(t, "alice").sink
+	for i := range 2 + coalesceFrames { // two alone (now busy), then a batch
+		if !sink.Deliver(&schema.Message{Version: 2.1, ID: fmt.Sprintf("m%d", i), Type: schema.TypeMessage,
+			Channel: schema.ChannelIndividual, Source: "bob", Destination: "alice", Content: []byte("hi")}) {
+			t.Fatalf("deliver m%d refused", i)
+		}
+		if i >= 2 {
+			continue
+		}
+		_ = ws.SetReadDeadline(time.Now().Add(10 * time.Second))
+		if _, _, err := ws.ReadMessage(); err != nil {
+			t.Fatalf("m%d: %v", i, err)
+		}
+	}
+	for i := 2; i < 2+coalesceFrames; i++ {
+		_ = ws.SetReadDeadline(time.Now().Add(10 * time.Second))
+		_, data, err := ws.ReadMessage()
+		if err != nil {
+			t.Fatalf("m%d held back (WriteCoalesce is a minute): %v", i, err)
+		}
+		if msg, err := schema.DecodeJSON(data); err != nil || msg.ID != fmt.Sprintf("m%d", i) {
+			t.Fatalf("got %q (%v), want m%d", data, err, i)
+		}
 	}
 }

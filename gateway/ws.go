@@ -183,6 +183,9 @@ func (c *conn) send(f frame) bool {
 func (c *conn) enqueueLocked(f frame) {
 	c.q = append(c.q, f)
 	c.pending++
+	if len(c.q) == coalesceFrames {
+		c.wakeLocked() // enough to share a write: a holding writer stops waiting
+	}
 	c.startWriterLocked()
 }
 
@@ -391,9 +394,9 @@ func (c *conn) writeLoop() {
 }
 
 // coalesceFrames is the queue length at which the writer does not wait
-// for more (see coalesceWait): eight frames already share a write, and a
-// delivery session refilling its window after a batch of acks (a catch-up
-// on connect) must not wait for the interval each time.
+// for more (see coalesceWait), and at which a waiting writer is woken:
+// eight frames already share a write, and a fast stream must not fill the
+// outbound queue (a slow consumer) while the writer waits.
 const coalesceFrames = 8
 
 // coalesceWait is how long the writer holds the frames it found at since

@@ -439,7 +439,10 @@ func (b *bencher) open(ctx context.Context, s *session) error {
 	s.binary = b.c.Format == "binary"
 	u := "ws" + strings.TrimPrefix(b.c.URL, "http") + "/wss/?format=" + b.c.Format + "&ack=true"
 	var raw *ackConn
-	d := websocket.Dialer{HandshakeTimeout: 30 * time.Second, ReadBufferSize: 1024, WriteBufferSize: 1024,
+	// An 8 KiB read buffer takes a segment of coalesced frames (the
+	// server's --ws-coalesce) in one read, so their acks leave in one
+	// write: with 1 KiB, six frames took two reads and two ack writes.
+	d := websocket.Dialer{HandshakeTimeout: 30 * time.Second, ReadBufferSize: 8 << 10, WriteBufferSize: 1024,
 		NetDialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
 			c, err := (&net.Dialer{}).DialContext(ctx, network, addr)
 			if err != nil {
