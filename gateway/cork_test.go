@@ -222,8 +222,8 @@ func TestRenderShared(t *testing.T) {
 }
 
 // Frames to a busy socket wait WriteCoalesce and share one write; a
-// frame to a socket without that history, quiet for longer, or followed by
-// a Flush goes out at once.
+// frame to a socket without that history, quiet for longer, followed by a
+// Flush or by an answer to the client goes out at once.
 func TestWriteCoalesce(t *testing.T) {
 	const coalesce = 2 * time.Second
 	e := newEnv(t, withConfig(func(c *Config) { c.WriteCoalesce = coalesce }))
@@ -278,6 +278,14 @@ func TestWriteCoalesce(t *testing.T) {
 	deliver("f") // busy: held, until a Flush (after a catch-up)
 	sink.Flush()
 	expect("f", coalesce*3/4)
+
+	deliver("r") // busy: held, until the server answers the client
+	writeText(t, ws, "ping")
+	expect("r", coalesce*3/4)
+	_ = ws.SetReadDeadline(time.Now().Add(coalesce * 3 / 4))
+	if _, data, err := ws.ReadMessage(); err != nil || string(data) != "pong" {
+		t.Fatalf("pong: %q, %v", data, err)
+	}
 
 	time.Sleep(coalesce + 100*time.Millisecond) // quiet: at once again
 	deliver("q")

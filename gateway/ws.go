@@ -176,8 +176,17 @@ func (c *conn) send(f frame) bool {
 	if c.closingLocked() {
 		return false
 	}
-	c.enqueueLocked(f)
+	c.replyLocked(f)
 	return true
+}
+
+// replyLocked queues an answer to the client's own frame (SERVER_ACK,
+// error notice, pong): it goes out without waiting for more frames (see
+// coalesceWait), and takes what is queued with it.
+func (c *conn) replyLocked(f frame) {
+	c.urgent = true
+	c.wakeLocked()
+	c.enqueueLocked(f)
 }
 
 func (c *conn) enqueueLocked(f frame) {
@@ -405,8 +414,8 @@ const coalesceFrames = 8
 // less than that before since, holds them until WriteCoalesce after since,
 // so that the next ones share the write (Nagle's rule, with a time instead
 // of an ack). Frames to a socket with sparser traffic, to one that has
-// been quiet, coalesceFrames of them, or frames after a Flush go out at
-// once. A close frame
+// been quiet, coalesceFrames of them, frames after a Flush, and replies
+// to the client (replyLocked) go out at once. A close frame
 // and a ping never wait (they are handled before). Called with mu held.
 func (c *conn) coalesceWait(since time.Time) time.Duration {
 	d := c.g.cfg.WriteCoalesce
@@ -641,7 +650,7 @@ func (c *conn) post(f frame) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if !c.closingLocked() {
-		c.enqueueLocked(f)
+		c.replyLocked(f)
 	}
 }
 
