@@ -101,6 +101,11 @@ func (c *conn) Deliver(m *schema.Message) bool {
 func (c *conn) Flush() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	c.hurryLocked()
+}
+
+// hurryLocked makes the writer send what is queued without holding it.
+func (c *conn) hurryLocked() {
 	c.urgent = true
 	c.wakeLocked()
 }
@@ -184,8 +189,7 @@ func (c *conn) send(f frame) bool {
 // error notice, pong): it goes out without waiting for more frames (see
 // coalesceWait), and takes what is queued with it.
 func (c *conn) replyLocked(f frame) {
-	c.urgent = true
-	c.wakeLocked()
+	c.hurryLocked()
 	c.enqueueLocked(f)
 }
 
@@ -368,7 +372,7 @@ func (c *conn) writeLoop() {
 			c.mu.Unlock()
 			return
 		}
-		if wait := c.coalesceWait(since); coalesce && wait > 0 {
+		if wait := c.coalesceWait(since); wait > 0 {
 			if c.wake == nil {
 				c.wake = make(chan struct{}, 1)
 			}
@@ -415,8 +419,8 @@ const coalesceFrames = 8
 // so that the next ones share the write (Nagle's rule, with a time instead
 // of an ack). Frames to a socket with sparser traffic, to one that has
 // been quiet, coalesceFrames of them, frames after a Flush, and replies
-// to the client (replyLocked) go out at once. A close frame
-// and a ping never wait (they are handled before). Called with mu held.
+// to the client (replyLocked) go out at once. A close frame and a ping
+// never wait (they are handled before). Called with mu held.
 func (c *conn) coalesceWait(since time.Time) time.Duration {
 	d := c.g.cfg.WriteCoalesce
 	if d <= 0 || c.urgent || c.frameGap == 0 || c.frameGap >= d || since.Sub(c.lastWrite) >= d || len(c.q) >= coalesceFrames {
