@@ -387,6 +387,8 @@ func TestServeFlagErrors(t *testing.T) {
 		{"dev auth on public addr", []string{"serve", "--http-addr", "0.0.0.0:0", "--data-dir", t.TempDir()}},
 		{"bad metrics addr", []string{"serve", "--http-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:99999", "--data-dir", t.TempDir()}},
 		{"negative device idle", []string{"serve", "--device-idle", "-1h"}},
+		{"negative ws coalesce", []string{"serve", "--ws-coalesce", "-1ms"}},
+		{"ws coalesce over a second", []string{"serve", "--ws-coalesce", "2s"}},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -402,6 +404,14 @@ func TestServeFlagErrors(t *testing.T) {
 	}, &syncBuffer{})
 	if err != nil || c.HTTPAddr != "127.0.0.1:9999" || c.LogLevel != "warn" || c.MetricsAddr != "127.0.0.1:9090" || c.DeviceIdle != 72*time.Hour {
 		t.Fatalf("env/flag precedence: %+v %v", c, err)
+	}
+	// --ws-coalesce: 40ms by default, 0 turns coalescing off (negative in
+	// the gateway's config, where 0 means its default).
+	if c.WSCoalesce != 40*time.Millisecond || coalesce(c.WSCoalesce) != 40*time.Millisecond {
+		t.Fatalf("default --ws-coalesce %v", c.WSCoalesce)
+	}
+	if c, err := parseServe([]string{"--ws-coalesce", "0"}, func(string) string { return "" }, &syncBuffer{}); err != nil || coalesce(c.WSCoalesce) >= 0 {
+		t.Fatalf("--ws-coalesce 0: %v, %v", c, err)
 	}
 }
 
