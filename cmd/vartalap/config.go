@@ -8,6 +8,8 @@ import (
 	"slices"
 	"strings"
 	"time"
+
+	"github.com/vartalap/vartalap/gateway"
 )
 
 // allServices is every service `serve` can run, in start-up order.
@@ -75,7 +77,7 @@ func parseServe(args []string, getenv func(string) string, stderr io.Writer) (*s
 	fs.DurationVar(&c.DeviceIdle, "device-idle", 14*24*time.Hour, "a device not seen for this long no longer holds back its user's inbox purges (0: never)")
 	fs.IntVar(&c.Replicas, "replicas", 1, "stream and bucket replicas (3 in a NATS cluster)")
 	fs.Float64Var(&c.WSRate, "ws-rate", 50, "messages per second each WebSocket may send (burst: twice that); excess frames get a rate_limited error")
-	fs.DurationVar(&c.WSCoalesce, "ws-coalesce", 40*time.Millisecond, "how long frames to a busy WebSocket (frames lately less than this apart) wait to share one write (0: write each frame at once)")
+	fs.DurationVar(&c.WSCoalesce, "ws-coalesce", gateway.DefaultWriteCoalesce, "how long frames to a busy WebSocket (frames lately less than this apart) wait to share one write (0: write each frame at once)")
 	fs.Int64Var(&c.MaxUpload, "max-upload", 25<<20, "largest file a client may upload, in bytes")
 	fs.StringVar(&c.PprofAddr, "pprof", "", "serve net/http/pprof on this address (off when empty)")
 	fs.StringVar(&c.MetricsAddr, "metrics-addr", "", "serve Prometheus metrics (GET /metrics) on this address (off when empty; port 0 picks one, logged as addr=)")
