@@ -6,7 +6,9 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"strings"
 	"testing"
+	"testing/iotest"
 	"time"
 
 	"github.com/gorilla/websocket"
@@ -363,5 +365,48 @@ func TestWriteCoalesceWakesOnFullBatch(t *testing.T) {
 		if msg, err := schema.DecodeJSON(data); err != nil || msg.ID != fmt.Sprintf("m%d", i) {
 			t.Fatalf("got %q (%v), want m%d", data, err, i)
 		}
+	}
+}
+
+// readFrame returns the whole frame (or limit+1 bytes of a larger one)
+// whatever the chunks its reader gives, reuses its buffer for frames up to
+// readBufKept and lets larger buffers go.
+func TestReadFrame(t *testing.T) {
+	const limit = 10_000
+	chunked := map[string]func(io.Reader) io.Reader{
+		"whole":    func(r io.Reader) io.Reader { return r },
+		"one byte": iotest.OneByteReader,
+		"halves":   iotest.HalfReader,
+		"data+EOF": iotest.DataErrReader,
+	}
+	for name, wrap := range chunked {
+		for _, n := range []int{0, 1, readBufInitial - 1, readBufInitial, readBufInitial + 1, 3000, limit, limit + 1, limit + 500} {
+			c := &conn{}
+			frame := bytes.Repeat([]byte("abcdefghijklmnopq"), n/17+1)[:n]
+			got, err := c.readFrame(wrap(bytes.NewReader(frame)), limit)
+			if err != nil {
+				t.Fatalf("%s, %d bytes: %v", name, n, err)
+			}
+			want := frame[:min(n, limit+1)]
+			if !bytes.Equal(got, want) {
+				t.Fatalf("%s, %d bytes: got %d bytes, want %d", name, n, len(got), len(want))
+			}
+			if kept := c.rbuf != nil; kept != (cap(got) <= readBufKept) {
+				t.Fatalf("%s, %d bytes: buffer of %d kept: %v", name, n, cap(got), kept)
+			}
+		}
+	}
+
+	// A small frame after another reuses its buffer.
+	c := &conn{}
+	first, _ := c.readFrame(strings.NewReader("first frame"), limit)
+	second, _ := c.readFrame(strings.NewReader("second"), limit)
+	if &first[:1][0] != &second[:1][0] || string(second) != "second" {
+		t.Fatalf("second frame %q not read into the first's buffer", second)
+	}
+	// A reader's error is returned.
+	boom := errors.New("boom")
+	if _, err := c.readFrame(io.MultiReader(strings.NewReader("part"), iotest.ErrReader(boom)), limit); !errors.Is(err, boom) {
+		t.Fatalf("reader error: got %v", err)
 	}
 }

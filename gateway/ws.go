@@ -56,6 +56,9 @@ type conn struct {
 	// The deadlines set last: wdeadline is touched only by the one
 	// running writer (see writing), rdeadline only by the read loop.
 	wdeadline, rdeadline time.Time
+	// rbuf is the read loop's frame buffer, reused from frame to frame
+	// (see readFrame).
+	rbuf []byte
 	// lastWrite is when the last batch of frames was written, frameGap
 	// the recent time between frames; only the running writer touches them
 	// (see coalesceWait).
@@ -509,7 +512,7 @@ func (c *conn) readLoop(ctx context.Context, readWait time.Duration) string {
 			return c.readEnd(err)
 		}
 		c.armReadDeadline(time.Now(), readWait)
-		data, err := io.ReadAll(io.LimitReader(rd, int64(maxFrame)+1))
+		data, err := c.readFrame(rd, maxFrame)
 		if err != nil {
 			return c.readEnd(err)
 		}
@@ -525,6 +528,46 @@ func (c *conn) readLoop(ctx context.Context, readWait time.Duration) string {
 		}
 		c.handleFrame(ctx, typ, data)
 	}
+}
+
+// Read buffers: a frame is read into the connection's buffer, which starts
+// at readBufInitial bytes, grows as a frame needs, and is kept for the
+// next frame unless it grew past readBufKept. The decoders copy what they
+// keep of a frame (checkNoAlias in schema's fuzz tests), so the buffer is free
+// again as soon as handleFrame returns; a socket streaming acks then costs
+// no allocation per frame for reading it.
+const (
+	readBufInitial = 512
+	readBufKept    = 4 << 10
+)
+
+// readFrame reads the rest of the frame rd into the read buffer, at most
+// limit+1 bytes (one more than a frame may have, to tell it is too large).
+// The result is valid until the next call.
+func (c *conn) readFrame(rd io.Reader, limit int) ([]byte, error) {
+	buf := c.rbuf[:0]
+	if buf == nil {
+		buf = make([]byte, 0, min(readBufInitial, limit+1))
+	}
+	for len(buf) <= limit {
+		if len(buf) == cap(buf) {
+			buf = append(buf, 0)[:len(buf)] // grow
+		}
+		n, err := rd.Read(buf[len(buf):min(cap(buf), limit+1)])
+		buf = buf[:len(buf)+n]
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return nil, err
+		}
+	}
+	if cap(buf) <= readBufKept {
+		c.rbuf = buf[:0]
+	} else {
+		c.rbuf = nil
+	}
+	return buf, nil
 }
 
 // armReadDeadline moves the read deadline to now+readWait once a fifth of

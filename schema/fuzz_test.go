@@ -49,6 +49,24 @@ func checkProtoRoundTrip(t *testing.T, m *Message) {
 	}
 }
 
+// checkNoAlias fails if the message decode makes of data shares memory
+// with data: the gateway reads every frame into one reused buffer, so a
+// decoded message must survive the buffer being overwritten.
+func checkNoAlias(t *testing.T, decode func([]byte) (*Message, error), data []byte, m *Message) {
+	t.Helper()
+	buf := bytes.Clone(data)
+	got, err := decode(buf)
+	if err != nil {
+		t.Fatalf("decoding a copy: %v", err)
+	}
+	for i := range buf {
+		buf[i] ^= 0xff
+	}
+	if !reflect.DeepEqual(got, m) && !(m.Version != m.Version && got.Version != got.Version) {
+		t.Fatalf("decoded message changed with its input:\n got  %#v\n want %#v", got, m)
+	}
+}
+
 func FuzzDecodeJSON(f *testing.F) {
 	for _, s := range []string{
 		`{"_v":2.1,"id":"m1","head":{"type":"INDIVIDUAL","to":"bob","from":"alice","chatid":"c1","contentType":"text","action":"message"},"meta":{"createdAt":123},"body":{"text":"hi"}}`,
@@ -74,6 +92,7 @@ func FuzzDecodeJSON(f *testing.F) {
 		if len(m.Content) > 0 && !json.Valid(m.Content) {
 			t.Fatalf("Content is not JSON: %q", m.Content)
 		}
+		checkNoAlias(t, DecodeJSON, data, m)
 		_ = m.Validate()
 		m.Stamp("alice", "sid", 1)
 		checkRendered(t, m, RenderJSON(m))
@@ -95,6 +114,7 @@ func FuzzUnmarshalProto(f *testing.F) {
 			}
 			return
 		}
+		checkNoAlias(t, UnmarshalProto, data, m)
 		checkProtoRoundTrip(t, m)
 		if m.Validate() == nil {
 			m.Stamp("alice", "sid", 1)
