@@ -66,17 +66,24 @@ type benchResult struct {
 	// SendSeconds is how long messages were sent; DeliveredSending is what
 	// was delivered by its end: the rate the server kept up with, without
 	// the drain of a backlog.
-	SendSeconds      float64  `json:"send_seconds,omitempty"`
-	DeliveredSending int64    `json:"delivered_while_sending,omitempty"`
-	Duplicates       int64    `json:"duplicates"`
-	Undelivered      int64    `json:"undelivered"` // server-acked but not received by the end of the drain
-	Errors           int64    `json:"errors"`
-	AckLatency       *hist    `json:"ack_latency"`
-	E2ELatency       *hist    `json:"e2e_latency"`
-	CatchUpSeconds   float64  `json:"catch_up_seconds"`
-	RSSBeforeKiB     int64    `json:"rss_before_kib,omitempty"`
-	RSSAfterKiB      int64    `json:"rss_after_kib,omitempty"`
-	ErrorSamples     []string `json:"error_samples,omitempty"`
+	SendSeconds      float64 `json:"send_seconds,omitempty"`
+	DeliveredSending int64   `json:"delivered_while_sending,omitempty"`
+	Duplicates       int64   `json:"duplicates"`
+	Undelivered      int64   `json:"undelivered"` // server-acked but not received by the end of the drain
+	Errors           int64   `json:"errors"`
+	AckLatency       *hist   `json:"ack_latency"`
+	E2ELatency       *hist   `json:"e2e_latency"`
+	CatchUpSeconds   float64 `json:"catch_up_seconds"`
+	RSSBeforeKiB     int64   `json:"rss_before_kib,omitempty"`
+	RSSAfterKiB      int64   `json:"rss_after_kib,omitempty"`
+	// CPU time used while sending, in seconds: the load tool's own (all its
+	// processes) and the server's (with --server-pid or --server-metrics).
+	ToolCPUSeconds   float64 `json:"tool_cpu_seconds,omitempty"`
+	ServerCPUSeconds float64 `json:"server_cpu_seconds,omitempty"`
+	// CalibrationNs is this machine's time to decode a chat frame
+	// (schema.DecodeJSON) just before the run (see calibrate).
+	CalibrationNs float64  `json:"calibration_ns,omitempty"`
+	ErrorSamples  []string `json:"error_samples,omitempty"`
 }
 
 func newResult(c *benchConfig) *benchResult {
@@ -94,6 +101,8 @@ func (r *benchResult) merge(o *benchResult) {
 	r.ServerAcked += o.ServerAcked
 	r.Delivered += o.Delivered
 	r.SendSeconds = max(r.SendSeconds, o.SendSeconds)
+	r.ToolCPUSeconds += o.ToolCPUSeconds
+	r.ServerCPUSeconds = max(r.ServerCPUSeconds, o.ServerCPUSeconds) // each worker measured the same server
 	r.DeliveredSending += o.DeliveredSending
 	r.Duplicates += o.Duplicates
 	r.Undelivered += o.Undelivered
@@ -144,8 +153,8 @@ func parseBench(args []string, stderr io.Writer) (*benchConfig, error) {
 	fs.IntVar(&c.Conversations, "conversations", 50, "senders of the backlog (sync)")
 	fs.IntVar(&c.Procs, "procs", 1, "worker processes to spread sessions over (20,000 open files per process here)")
 	fs.BoolVar(&c.JSON, "json", false, "print the result as JSON")
-	fs.IntVar(&c.ServerPID, "server-pid", 0, "server process id, to report its memory from /proc")
-	fs.StringVar(&c.MetricsURL, "server-metrics", "", "the server's metrics URL (serve --metrics-addr), to report its memory when --server-pid is not given, e.g. http://127.0.0.1:9090/metrics")
+	fs.IntVar(&c.ServerPID, "server-pid", 0, "server process id, to report its memory and CPU from /proc")
+	fs.StringVar(&c.MetricsURL, "server-metrics", "", "the server's metrics URL (serve --metrics-addr), to report its memory and CPU when --server-pid is not given, e.g. http://127.0.0.1:9090/metrics")
 	fs.StringVar(&c.Prefix, "prefix", "", "username prefix (default: unique per run)")
 	fs.IntVar(&c.Concurrency, "concurrency", 100, "parallel logins and connects")
 	fs.StringVar(&c.Format, "format", "text", "WebSocket frames: text (JSON v2.1) or binary (protobuf, like the seed's v3 clients)")
@@ -207,6 +216,7 @@ func bench(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return json.NewEncoder(stdout).Encode(r)
 	}
 	before := c.serverRSS()
+	calibration := calibrate()
 	var res *benchResult
 	if c.Procs == 1 {
 		c.workers, c.workerIndex = 1, 0
@@ -225,6 +235,7 @@ func bench(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	res.RSSBeforeKiB = before
+	res.CalibrationNs = calibration
 	if res.RSSAfterKiB == 0 {
 		res.RSSAfterKiB = c.serverRSS()
 	}
@@ -766,9 +777,16 @@ func (b *bencher) report(ctx context.Context, stop chan struct{}) {
 	t := time.NewTicker(time.Second)
 	defer t.Stop()
 	var last int64
+	tool0, server0 := selfCPUSeconds(), b.c.serverCPU()
 	finish := func() {
 		b.res.SendSeconds = time.Since(start).Seconds()
 		b.res.DeliveredSending = atomic.LoadInt64(&b.res.Delivered)
+		if tool1 := selfCPUSeconds(); tool0 >= 0 && tool1 >= 0 {
+			b.res.ToolCPUSeconds = tool1 - tool0
+		}
+		if server1 := b.c.serverCPU(); server0 >= 0 && server1 >= 0 {
+			b.res.ServerCPUSeconds = server1 - server0
+		}
 		close(stop)
 	}
 	for {
@@ -1018,26 +1036,33 @@ func (c *benchConfig) serverRSS() int64 {
 // metricsRSSKiB reads process_resident_memory_bytes from a Prometheus text
 // exposition at u.
 func metricsRSSKiB(u string) int64 {
+	v, ok := metricsValue(u, "process_resident_memory_bytes")
+	if !ok {
+		return 0
+	}
+	return int64(v) / 1024
+}
+
+// metricsValue reads the unlabelled sample name from a Prometheus text
+// exposition at u.
+func metricsValue(u, name string) (float64, bool) {
 	client := &http.Client{Timeout: 5 * time.Second}
 	resp, err := client.Get(u)
 	if err != nil {
-		return 0
+		return 0, false
 	}
 	defer resp.Body.Close()
 	body, err := io.ReadAll(io.LimitReader(resp.Body, 8<<20))
 	if err != nil || resp.StatusCode != http.StatusOK {
-		return 0
+		return 0, false
 	}
 	for _, line := range strings.Split(string(body), "\n") {
-		if v, ok := strings.CutPrefix(line, "process_resident_memory_bytes "); ok {
+		if v, ok := strings.CutPrefix(line, name+" "); ok {
 			f, err := strconv.ParseFloat(strings.TrimSpace(v), 64)
-			if err != nil {
-				return 0
-			}
-			return int64(f) / 1024
+			return f, err == nil
 		}
 	}
-	return 0
+	return 0, false
 }
 
 func rssKiB(pid int) int64 {
@@ -1070,6 +1095,9 @@ func printResult(w io.Writer, r *benchResult) {
 		fmt.Fprintf(w, "delivered           %d (%.0f/s over %.1fs), duplicates %d, undelivered after a 15s drain %d\n", r.Delivered, float64(r.Delivered)/max(r.Seconds, 1e-9), r.Seconds, r.Duplicates, r.Undelivered)
 		if r.SendSeconds > 0 {
 			fmt.Fprintf(w, "while sending       %d delivered in %.1fs (%.0f/s)\n", r.DeliveredSending, r.SendSeconds, float64(r.DeliveredSending)/r.SendSeconds)
+			if r.ToolCPUSeconds > 0 || r.ServerCPUSeconds > 0 {
+				fmt.Fprintf(w, "CPU while sending   %s server, %.2f cores load tool\n", cores(r.ServerCPUSeconds, r.SendSeconds), r.ToolCPUSeconds/r.SendSeconds)
+			}
 		}
 	}
 	for _, l := range []struct {
@@ -1093,5 +1121,17 @@ func printResult(w io.Writer, r *benchResult) {
 		}
 		fmt.Fprintln(w)
 	}
+	if r.CalibrationNs > 0 {
+		fmt.Fprintf(w, "machine speed       %.2f µs to decode a chat frame (schema.DecodeJSON, just before the run)\n", r.CalibrationNs/1000)
+	}
 	fmt.Fprintf(w, "errors              %d %v\n", r.Errors, r.ErrorSamples)
+}
+
+// cores renders CPU seconds over a wall time as cores, or says the
+// server's CPU is unknown.
+func cores(cpu, wall float64) string {
+	if cpu <= 0 {
+		return "? cores (give --server-pid or --server-metrics)"
+	}
+	return fmt.Sprintf("%.2f cores", cpu/wall)
 }

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"encoding/json"
 	"io"
 	"net/http"
 	"regexp"
@@ -87,8 +88,8 @@ func scrape(t *testing.T, url string) string {
 	return string(b)
 }
 
-// The load tool reads the server's memory from its metrics endpoint when
-// it has no process id (a server in another container or user).
+// The load tool reads the server's memory and CPU from its metrics endpoint
+// when it has no process id (a server in another container or user).
 func TestBenchReadsServerMemoryFromMetrics(t *testing.T) {
 	s := startServer(t, t.TempDir(), "--metrics-addr", "127.0.0.1:0", "--ws-rate", "100000")
 	m := metricsAddrRe.FindStringSubmatch(s.Logs.String())
@@ -108,6 +109,14 @@ func TestBenchReadsServerMemoryFromMetrics(t *testing.T) {
 	}
 	if !strings.Contains(out.String(), `"rss_before_kib":`) || !strings.Contains(out.String(), `"rss_after_kib":`) {
 		t.Fatalf("no server memory in the result: %s", out.String())
+	}
+	out.Reset()
+	if err := bench(t.Context(), []string{"direct", "--users", "10", "--rate", "200", "--duration", "1s", "--url", s.URL, "--server-metrics", url, "--json"}, &out, &errb); err != nil {
+		t.Fatalf("bench: %v\n%s", err, errb.String())
+	}
+	var r benchResult
+	if err := json.Unmarshal([]byte(out.String()), &r); err != nil || r.ServerCPUSeconds <= 0 {
+		t.Fatalf("no server CPU in the result (%v): %s", err, out.String())
 	}
 	if _, err := parseBench([]string{"connect", "--server-metrics", "http://10.0.0.1:9090/metrics"}, io.Discard); err == nil {
 		t.Fatal("a non-loopback metrics URL was accepted")
