@@ -1115,3 +1115,62 @@ func TestPublishEach(t *testing.T) {
 		t.Fatalf("carol's inbox: %d messages, want c1 then c2", len(carol))
 	}
 }
+
+// A router stopped while messages stream in finishes what it had already
+// received: nothing is left delivered but unacked, to wait out the ack
+// wait after a restart, and the next router routes the rest.
+func TestStopRoutesWhatWasReceived(t *testing.T) {
+	e := newEnv(t, 10_000, Config{Batch: 16})
+	const n = 2000
+	for i := range n {
+		e.publishIn(t, msg(fmt.Sprintf("s%d", i%10), "bob", fmt.Sprintf("m%d", i), schema.ChannelIndividual))
+	}
+	stop := e.start(t)
+	e.poll(t, "routing under way", func() (bool, string) {
+		got := e.inboxTotal(t)
+		return got > 0, fmt.Sprintf("%d routed", got)
+	})
+	stop() // mid-stream: n messages take many rounds of 16
+	c, err := e.js.Consumer(context.Background(), schema.StreamChatIn, ConsumerName)
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := c.Info(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.NumAckPending != 0 || info.NumRedelivered != 0 {
+		t.Fatalf("after stop: %d delivered but unacked, %d redelivered (%d of %d routed)",
+			info.NumAckPending, info.NumRedelivered, e.inboxTotal(t), n)
+	}
+	if got := e.inboxTotal(t); got == n {
+		t.Logf("all %d routed before the stop took effect", n)
+	}
+	// What was left is routed by the next router.
+	e.start(t)
+	e.poll(t, "all routed", func() (bool, string) {
+		got := e.inboxTotal(t)
+		return got == n, fmt.Sprintf("%d of %d routed", got, n)
+	})
+}
+
+// A router whose consumer is deleted under it fails instead of idling.
+func TestRunFailsWhenConsumerDeleted(t *testing.T) {
+	e := newEnv(t, 100, Config{})
+	done := make(chan error, 1)
+	go func() { done <- e.r.Run(context.Background()) }()
+	e.publishIn(t, msg("alice", "bob", "m1", schema.ChannelIndividual))
+	e.waitInbox(t, "bob", 1)
+	if err := e.js.DeleteConsumer(context.Background(), schema.StreamChatIn, ConsumerName); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-done:
+		if err == nil {
+			t.Fatal("run returned nil after its consumer was deleted")
+		}
+		t.Logf("run: %v", err)
+	case <-time.After(20 * time.Second):
+		t.Fatal("run did not return after its consumer was deleted")
+	}
+}
