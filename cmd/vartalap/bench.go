@@ -74,8 +74,13 @@ type benchResult struct {
 	AckLatency       *hist   `json:"ack_latency"`
 	E2ELatency       *hist   `json:"e2e_latency"`
 	CatchUpSeconds   float64 `json:"catch_up_seconds"`
-	RSSBeforeKiB     int64   `json:"rss_before_kib,omitempty"`
-	RSSAfterKiB      int64   `json:"rss_after_kib,omitempty"`
+	// Groups and GroupMembers describe the groups a group run made: a
+	// group's members are all sessions of one worker, so a worker with
+	// fewer sessions than --group-size makes smaller groups.
+	Groups       int   `json:"groups,omitempty"`
+	GroupMembers int   `json:"group_members,omitempty"` // the smallest group's
+	RSSBeforeKiB int64 `json:"rss_before_kib,omitempty"`
+	RSSAfterKiB  int64 `json:"rss_after_kib,omitempty"`
 	// CPU time used while sending, in seconds: the load tool's own (all its
 	// processes) and the server's (with --server-pid or --server-metrics).
 	ToolCPUSeconds   float64 `json:"tool_cpu_seconds,omitempty"`
@@ -106,6 +111,10 @@ func (r *benchResult) merge(o *benchResult) {
 	r.DeliveredSending += o.DeliveredSending
 	r.Duplicates += o.Duplicates
 	r.Undelivered += o.Undelivered
+	r.Groups += o.Groups
+	if o.GroupMembers > 0 && (r.GroupMembers == 0 || o.GroupMembers < r.GroupMembers) {
+		r.GroupMembers = o.GroupMembers
+	}
 	r.Errors += o.Errors
 	r.AckLatency.merge(o.AckLatency)
 	r.E2ELatency.merge(o.E2ELatency)
@@ -147,7 +156,7 @@ func parseBench(args []string, stderr io.Writer) (*benchConfig, error) {
 	fs.IntVar(&c.Rate, "rate", 0, "messages per second in total (0: flat out, --window in flight per sender)")
 	fs.IntVar(&c.Window, "window", 8, "unacknowledged messages per sender when flat out")
 	fs.IntVar(&c.Size, "size", 100, "message body bytes")
-	fs.IntVar(&c.GroupSize, "group-size", 1000, "members per group (group)")
+	fs.IntVar(&c.GroupSize, "group-size", 1000, "members per group (group); a group's members are all sessions of one worker process (--procs)")
 	fs.IntVar(&c.Senders, "senders", 10, "senders per group (group)")
 	fs.IntVar(&c.Backlog, "backlog", 1000, "pending messages (sync)")
 	fs.IntVar(&c.Conversations, "conversations", 50, "senders of the backlog (sync)")
@@ -809,6 +818,10 @@ func (b *bencher) group(ctx context.Context, lo, hi int) error {
 	ss := b.sessions(ctx, lo, hi)
 	defer closeAll(ss)
 	g := min(b.c.GroupSize, len(ss))
+	if g < b.c.GroupSize {
+		b.progress("warning: groups of %d members, not %d: this worker holds %d sessions (a group's members are all in one worker; raise --users or lower --procs)",
+			g, b.c.GroupSize, len(ss))
+	}
 	var wg sync.WaitGroup
 	stop := make(chan struct{})
 	type plan struct {
@@ -830,6 +843,7 @@ func (b *bencher) group(ctx context.Context, lo, hi int) error {
 		}
 		plans = append(plans, plan{senders: members[:min(b.c.Senders, len(members))], gid: gid})
 	}
+	b.res.Groups, b.res.GroupMembers = len(plans), g
 	time.Sleep(time.Second) // let the group-creation events arrive before counting
 	atomic.StoreInt64(&b.res.Delivered, 0)
 	for _, p := range plans {
@@ -1090,6 +1104,9 @@ func printResult(w io.Writer, r *benchResult) {
 	fmt.Fprintf(w, "users               %d\n", r.Users)
 	fmt.Fprintf(w, "connected           %d (failed %d) in %.2fs (%.0f/s)\n", r.Connected, r.ConnectFailed, r.ConnectSeconds, float64(r.Connected)/max(r.ConnectSeconds, 1e-9))
 	fmt.Fprintf(w, "drops               %d\n", r.Drops)
+	if r.Groups > 0 {
+		fmt.Fprintf(w, "groups              %d of %d members\n", r.Groups, r.GroupMembers)
+	}
 	if r.Sent > 0 {
 		fmt.Fprintf(w, "sent / server-acked %d / %d\n", r.Sent, r.ServerAcked)
 		fmt.Fprintf(w, "delivered           %d (%.0f/s over %.1fs), duplicates %d, undelivered after a 15s drain %d\n", r.Delivered, float64(r.Delivered)/max(r.Seconds, 1e-9), r.Seconds, r.Duplicates, r.Undelivered)

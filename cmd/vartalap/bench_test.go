@@ -6,6 +6,7 @@ import (
 	"math"
 	"os"
 	"strconv"
+	"strings"
 	"testing"
 )
 
@@ -39,6 +40,8 @@ func TestBenchScenarios(t *testing.T) {
 	}
 	// The load tool sends flat out from few sockets; lift the per-socket limit.
 	s := startServer(t, t.TempDir(), "--ws-rate", "100000")
+	// Progress output some cases must print.
+	wantStderr := map[string]string{"group smaller than asked": "warning: groups of 6 members, not 10"}
 	cases := []struct {
 		name string
 		args []string
@@ -55,7 +58,12 @@ func TestBenchScenarios(t *testing.T) {
 		}},
 		{"group binary", []string{"group", "--users", "10", "--group-size", "10", "--senders", "2", "--duration", "1s", "--format", "binary"}, func(r *benchResult) bool {
 			return r.ServerAcked > 0 && r.Delivered == 9*r.ServerAcked && r.E2ELatency.N == uint64(r.Delivered) &&
-				r.ToolCPUSeconds > 0 && r.ServerCPUSeconds == 0 // no --server-pid
+				r.ToolCPUSeconds > 0 && r.ServerCPUSeconds == 0 && // no --server-pid
+				r.Groups == 1 && r.GroupMembers == 10
+		}},
+		{"group smaller than asked", []string{"group", "--users", "6", "--group-size", "10", "--senders", "2", "--duration", "1s", "--format", "binary"}, func(r *benchResult) bool {
+			// Six sessions make one group of six, and the result says so.
+			return r.ServerAcked > 0 && r.Delivered == 5*r.ServerAcked && r.Groups == 1 && r.GroupMembers == 6
 		}},
 		{"direct at a rate", []string{"direct", "--users", "20", "--rate", "100", "--duration", "1s"}, func(r *benchResult) bool {
 			return r.Delivered > 20 && r.Delivered == r.ServerAcked
@@ -86,6 +94,9 @@ func TestBenchScenarios(t *testing.T) {
 			}
 			if !tc.want(&r) || r.Errors != 0 || r.Undelivered != 0 || r.Duplicates != 0 || r.CalibrationNs <= 0 {
 				t.Fatalf("result %+v\nerrors %v", r, r.ErrorSamples)
+			}
+			if w := wantStderr[tc.name]; !strings.Contains(errb.String(), w) {
+				t.Fatalf("progress output lacks %q:\n%s", w, errb.String())
 			}
 		})
 	}
