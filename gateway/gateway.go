@@ -92,8 +92,8 @@ type Config struct {
 	// several frames per system call (and answers them with one read's
 	// acks) instead of one each. Frames to other sockets, 8 or more queued
 	// frames, frames followed by Sink.Flush (a catch-up) and answers to the
-	// client (SERVER_ACK, error notice, pong) go out at once. Default 40ms; negative: every frame is written as soon as
-	// possible.
+	// client (SERVER_ACK, error notice, pong) go out at once. Default 40ms;
+	// negative: every frame is written as soon as possible.
 	WriteCoalesce time.Duration
 	// PublishTimeout bounds the wait for a JetStream PubAck. Default 5s.
 	PublishTimeout time.Duration
