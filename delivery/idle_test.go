@@ -90,3 +90,61 @@ func TestIdleSessionHasNoWorker(t *testing.T) {
 	}
 	ss.Close()
 }
+
+// The timer is set only for work the next step would do: a deadline that
+// has passed for work step skips (a cursor write or purge while the last
+// write still runs, a read retry while the window is full) would fire it
+// again at once, step after step: a thousand sessions of a group that fell
+// behind spun the server's two cores that way until their writes finished.
+func TestArmSkipsWorkStepWouldNotDo(t *testing.T) {
+	e := newEnv(t, Config{CursorFlush: 50 * time.Millisecond, MaxInFlight: 4}, nil)
+	now := time.Now()
+	past := now.Add(-time.Second)
+	later := now.Add(time.Minute)
+	cases := []struct {
+		name string
+		set  func(ss *Session)
+		want time.Time // zero: no timer
+	}{
+		{"cursor write while the last one runs", func(ss *Session) {
+			ss.dirty, ss.flushing, ss.lastFlush = true, true, monoOf(past)
+		}, time.Time{}},
+		{"cursor write due", func(ss *Session) {
+			ss.dirty, ss.lastFlush = true, monoOf(past)
+		}, past.Add(50 * time.Millisecond)},
+		{"purge while a cursor write runs", func(ss *Session) {
+			ss.purgeDue, ss.flushing, ss.lastPurge = true, true, past
+		}, time.Time{}},
+		{"purge due", func(ss *Session) {
+			ss.purgeDue, ss.lastPurge = true, past
+		}, past.Add(e.svc.purgeEvery)},
+		{"read retry with the window full", func(ss *Session) {
+			ss.inbox.behind, ss.inbox.retryAt = true, past
+			ss.inFlight, ss.dueAt = 4, monoOf(later)
+		}, later},
+		{"read retry with the window more than half full", func(ss *Session) {
+			ss.inbox.behind, ss.inbox.retryAt = true, past
+			ss.inFlight, ss.dueAt = 3, monoOf(later)
+		}, later},
+		{"read retry with room", func(ss *Session) {
+			ss.inbox.behind, ss.inbox.retryAt = true, past
+			ss.inFlight, ss.dueAt = 1, monoOf(later)
+		}, past},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			// Not started (Open was not called): a timer that fires
+			// starts no worker.
+			ss := newSession(e.svc, "bob", "phone", &testSink{})
+			ss.lastFlush = monoNow()
+			tc.set(ss)
+			ss.arm(now)
+			if ss.timer != nil {
+				defer ss.timer.Stop()
+			}
+			if got := ss.armedAt.time(); !got.Equal(tc.want) {
+				t.Fatalf("timer armed for %v, want %v (now %v)", got, tc.want, now)
+			}
+		})
+	}
+}

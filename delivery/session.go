@@ -515,18 +515,26 @@ func (ss *Session) arm(now time.Time) {
 		}
 		earlier(ss.dueAt.time())
 	}
-	if ss.dirty {
+	// Only what step would do when the timer fires counts: a deadline
+	// already past for work step skips (a flush while the last one still
+	// runs, a read retry while the window is full) would fire the timer
+	// again at once, step after step, until that changed. What ends those
+	// waits wakes the worker itself (the background write's result, an
+	// ack).
+	if ss.dirty && !ss.flushing {
 		earlier(ss.lastFlush.add(ss.s.cfg.CursorFlush))
 	}
-	for l := range ss.lanes() {
-		if l.behind && !l.retryAt.IsZero() {
-			earlier(l.retryAt)
+	if ss.refill() && ss.inFlight < ss.s.cfg.MaxInFlight {
+		for l := range ss.lanes() {
+			if l.behind && !l.retryAt.IsZero() {
+				earlier(l.retryAt)
+			}
 		}
 	}
 	if ss.stale {
 		earlier(ss.refreshTime()) // zero (now) unless a load failed
 	}
-	if ss.purgeDue && !ss.dirty {
+	if ss.purgeDue && !ss.dirty && !ss.flushing {
 		earlier(ss.lastPurge.Add(ss.s.purgeEvery))
 	}
 	// Re-arming costs a lock of the runtime's timer heap: skip it when
