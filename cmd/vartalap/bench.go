@@ -15,6 +15,7 @@ import (
 	"os"
 	"os/exec"
 	"runtime/pprof"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -815,8 +816,13 @@ func (b *bencher) report(ctx context.Context, stop chan struct{}) {
 }
 
 func (b *bencher) group(ctx context.Context, lo, hi int) error {
-	ss := b.sessions(ctx, lo, hi)
-	defer closeAll(ss)
+	all := b.sessions(ctx, lo, hi)
+	defer closeAll(all)
+	// Groups are made of the sessions that connected (failed ones are nil).
+	ss := slices.DeleteFunc(slices.Clone(all), func(s *session) bool { return s == nil })
+	if len(ss) < 2 {
+		return fmt.Errorf("group: %d of %d sessions connected; a group needs two", len(ss), hi-lo)
+	}
 	g := min(b.c.GroupSize, len(ss))
 	if g < b.c.GroupSize {
 		b.progress("warning: groups of %d members, not %d: this worker holds %d sessions (a group's members are all in one worker; raise --users or lower --procs)",
@@ -833,9 +839,7 @@ func (b *bencher) group(ctx context.Context, lo, hi int) error {
 		members := ss[start : start+g]
 		names := make([]string, 0, g)
 		for _, m := range members {
-			if m != nil {
-				names = append(names, m.user)
-			}
+			names = append(names, m.user)
 		}
 		gid, err := b.createGroup(ctx, members[0], names)
 		if err != nil {

@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"encoding/json"
 	"math"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"strconv"
 	"strings"
@@ -102,5 +104,19 @@ func TestBenchScenarios(t *testing.T) {
 	}
 	if err := bench(t.Context(), []string{"direct", "--url", "http://10.1.2.3:8080"}, &bytes.Buffer{}, &bytes.Buffer{}); err == nil {
 		t.Fatal("a non-loopback target was accepted")
+	}
+}
+
+// A group run whose sessions all fail to connect says so (it dereferenced a
+// missing session before).
+func TestBenchGroupWithoutSessions(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		http.Error(w, `{"code":"unavailable"}`, http.StatusServiceUnavailable)
+	}))
+	defer srv.Close()
+	var errb bytes.Buffer
+	err := bench(t.Context(), []string{"group", "--url", srv.URL, "--users", "3", "--group-size", "3", "--duration", "1s"}, &bytes.Buffer{}, &errb)
+	if err == nil || !strings.Contains(err.Error(), "sessions connected; a group needs two") {
+		t.Fatalf("err = %v, want: sessions connected; a group needs two\n%s", err, errb.String())
 	}
 }
