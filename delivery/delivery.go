@@ -130,6 +130,13 @@ type Service struct {
 	purgeSlots    chan struct{} // purges running at once on this node (see tryPurge)
 	purgeRate     *rate.Limiter // session purges started per second on this node
 	maxAckPending int           // acks queued for a session before extra ones are dropped
+	laggingHigh   int64         // lagging sessions at which Overloaded reports true
+
+	lagging atomic.Int64 // sessions catching up after losing live messages (Session.lagging)
+	// lateUntil: until when (UnixNano) the node counts as overloaded
+	// because the dispatcher met a group message older than liveAgeHigh.
+	lateUntil   atomic.Int64
+	liveAgeHigh time.Duration // see LiveAgeHigh
 
 	assets atomic.Pointer[assets]
 
@@ -247,6 +254,8 @@ func New(cfg Config) (*Service, error) {
 		purgeSlots:    make(chan struct{}, purgeConcurrency),
 		purgeRate:     rate.NewLimiter(purgesPerSecond, 1),
 		maxAckPending: 4 * cfg.MaxInFlight,
+		laggingHigh:   LaggingHigh,
+		liveAgeHigh:   LiveAgeHigh,
 		users:         make(map[schema.UserID]*subs),
 		groups:        make(map[schema.GroupID]*subs),
 		bySubj:        make(map[string]*subs),
@@ -614,6 +623,51 @@ func (s *Service) local(user schema.UserID, device schema.DeviceID) []*Session {
 		}
 	}
 	return out
+}
+
+// LaggingHigh is the number of sessions catching up after losing live
+// messages (their queue overflowed, or the node's subscription dropped
+// messages) at which a node counts as overloaded (see Overloaded). A
+// session's queue holds 64 messages or more, so it overflows only when its
+// worker did not run for that many messages: the node, not the device, is
+// slow. One device can be unlucky; dozens at once are a fan-out the node
+// cannot keep up with.
+const LaggingHigh = 32
+
+// LiveAgeHigh is the age (since the gateway accepted it) of a live group
+// message handed to a device above which the node counts as overloaded,
+// for lateFor after. Normally a message gets there in tens of milliseconds.
+const LiveAgeHigh = 500 * time.Millisecond
+
+// lateFor is how long one late group message keeps the node overloaded:
+// a node behind hands out late messages continuously.
+const lateFor = 250 * time.Millisecond
+
+// noteAge records a live group message m handed to a session at now: if it
+// is older than liveAgeHigh, the node is behind (see Overloaded).
+func (s *Service) noteAge(m *schema.Message, now time.Time) {
+	if m.ServerTimestamp == 0 || now.Sub(time.UnixMilli(int64(m.ServerTimestamp))) <= s.liveAgeHigh {
+		return
+	}
+	// Stored rarely (a thousand members' sessions note the same late
+	// message): once per lateFor/4.
+	until := now.Add(lateFor).UnixNano()
+	if until-s.lateUntil.Load() > int64(lateFor/4) {
+		s.lateUntil.Store(until)
+	}
+}
+
+// Overloaded reports whether this node is falling behind its live
+// messages: a session was handed a live group message older than
+// LiveAgeHigh in the last lateFor, or LaggingHigh sessions or more are
+// re-reading the streams after losing live messages. The gateway slows senders of group
+// messages meanwhile: a 1,000-member group written to faster than the node
+// can deliver would otherwise grow a backlog without bound, and members
+// that fall behind re-read it from GROUP_LOG (many times the cost of the
+// live fan-out), so the node delivered less the more it was sent. Cheap:
+// two atomic loads.
+func (s *Service) Overloaded() bool {
+	return s.lagging.Load() >= s.laggingHigh || time.Now().UnixNano() < s.lateUntil.Load()
 }
 
 // Sessions returns the number of open sessions on this node.

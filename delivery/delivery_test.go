@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/vartalap/vartalap/internal/natstest"
 	"github.com/vartalap/vartalap/schema"
@@ -174,8 +175,10 @@ func TestGapRepair(t *testing.T) {
 	}
 }
 
+// A session whose live queue overflowed re-reads the stream, counted as
+// lagging (see Service.Overloaded) until it has caught up.
 func TestSessionQueueOverflowRepaired(t *testing.T) {
-	e := newEnv(t, Config{}, func(s *Service) { s.queueMsgs = 2; s.dropSweep = time.Hour })
+	e := newEnv(t, Config{}, func(s *Service) { s.queueMsgs = 2; s.dropSweep = time.Hour; s.laggingHigh = 1 })
 	gate := make(chan struct{})
 	release := sync.OnceFunc(func() { close(gate) })
 	t.Cleanup(release) // a failure must not leave the session stalled
@@ -189,8 +192,21 @@ func TestSessionQueueOverflowRepaired(t *testing.T) {
 	ch := e.svc.liveCh
 	e.svc.mu.RUnlock()
 	waitFor(t, "dispatcher to drain", func() bool { return len(ch) == 0 })
+	if e.svc.Overloaded() || testutil.ToFloat64(e.svc.metrics.fellBehind) != 0 {
+		t.Fatal("fell behind before the session saw its queue overflow")
+	}
 	release()
 	waitIDs(t, k, append([]string{"m1"}, ids...))
+	waitFor(t, "caught up", func() bool { return e.svc.lagging.Load() == 0 && !e.svc.Overloaded() })
+	if n := testutil.ToFloat64(e.svc.metrics.fellBehind); n != 1 {
+		t.Fatalf("fell behind %v times, want 1", n)
+	}
+	// Counted while it lasts.
+	e.svc.lagging.Add(1)
+	if !e.svc.Overloaded() {
+		t.Fatal("not overloaded with a lagging session at laggingHigh 1")
+	}
+	e.svc.lagging.Add(-1)
 }
 
 func TestTwoDevicesIndependent(t *testing.T) {

@@ -11,6 +11,8 @@ import (
 // count) whether or not Config.Metrics registers them.
 type metrics struct {
 	sessions    prometheus.Gauge   // sessions delivering on this node
+	lagging     prometheus.Gauge   // sessions re-reading the streams after losing live messages
+	fellBehind  prometheus.Counter // times a session lost live messages and started re-reading
 	delivered   prometheus.Counter // messages handed to a sink the first time
 	redelivered prometheus.Counter // in-flight messages handed again after AckTimeout
 	acks        prometheus.Counter // messages acked by a device
@@ -21,6 +23,14 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		sessions: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "vartalap_delivery_sessions",
 			Help: "Delivery sessions (connected devices) on this node.",
+		}),
+		lagging: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "vartalap_delivery_lagging_sessions",
+			Help: "Sessions on this node catching up from the streams after live messages overflowed their queue (the node could not keep up); at LaggingHigh or more, group senders are slowed (see Service.Overloaded).",
+		}),
+		fellBehind: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "vartalap_delivery_fell_behind_total",
+			Help: "Times a session lost live messages (its queue overflowed, or the node's subscription dropped messages) and started re-reading the streams.",
 		}),
 		delivered: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "vartalap_delivery_delivered_total",
@@ -35,7 +45,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Help: "Inbox messages acknowledged by a device (CLIENT_ACK over WebSocket or REST).",
 		}),
 	}
-	if err := prom.Register(reg, m.sessions, m.delivered, m.redelivered, m.acks); err != nil {
+	if err := prom.Register(reg, m.sessions, m.lagging, m.fellBehind, m.delivered, m.redelivered, m.acks); err != nil {
 		return nil, err
 	}
 	return m, nil

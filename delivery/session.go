@@ -95,6 +95,10 @@ type Session struct {
 	// fromStream: this step handed the sink messages read from a stream
 	// (see Flusher).
 	fromStream bool
+	// lagging: live messages were lost (the queue overflowed, or a gap)
+	// and the session is re-reading the streams; counted in
+	// Service.lagging until it has caught up (see Service.Overloaded).
+	lagging bool
 }
 
 // groupsAux is the part of a session's group state that most sessions
@@ -415,6 +419,7 @@ func (ss *Session) step() (time.Time, bool) {
 		for _, l := range ss.groups {
 			l.behind = !l.ended
 		}
+		ss.setLagging(true)
 	}
 	for _, lm := range q {
 		if !ss.live(lm, now) {
@@ -455,7 +460,27 @@ func (ss *Session) step() (time.Time, bool) {
 	if ss.purgeDue && !ss.dirty && !ss.flushing && !now.Before(ss.lastPurge.Add(ss.s.purgeEvery)) {
 		ss.purgeAsync()
 	}
+	if ss.lagging && !ss.behindAny() {
+		ss.setLagging(false)
+	}
 	return now, true
+}
+
+// setLagging records whether the session is catching up after losing
+// live messages, in Service.lagging. Only the worker calls it.
+func (ss *Session) setLagging(on bool) {
+	if ss.lagging == on {
+		return
+	}
+	ss.lagging = on
+	if on {
+		ss.s.lagging.Add(1)
+		ss.s.metrics.lagging.Inc()
+		ss.s.metrics.fellBehind.Inc()
+	} else {
+		ss.s.lagging.Add(-1)
+		ss.s.metrics.lagging.Dec()
+	}
 }
 
 // lanes yields the inbox lane, then the group lanes (without allocating).
@@ -609,6 +634,9 @@ func (ss *Session) live(lm liveMsg, now time.Time) bool {
 	case ss.inFlight >= ss.s.cfg.MaxInFlight: // window full: read it later
 		l.behind = true
 		return true
+	}
+	if lm.dec != nil {
+		ss.s.noteAge(lm.dec, now) // a group message, decoded once for all
 	}
 	return ss.send(l, seq, m.Header, m.Data, lm.dec, now)
 }
@@ -1344,6 +1372,7 @@ func (ss *Session) finish() {
 			l.joined = false
 		}
 	}
+	ss.setLagging(false)
 	ss.s.metrics.sessions.Dec()
 	ss.s.unregister(ss)
 	close(ss.done)

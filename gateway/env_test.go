@@ -9,6 +9,7 @@ import (
 	"net/http/httptest"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -52,7 +53,11 @@ type memDeliverer struct {
 	restAcks []restAck
 	openErr  error
 	onOpen   func(Sink) // called by Open before it returns (before the upgrade)
+	// overloaded is what Overloaded reports (see Overloader).
+	overloaded atomic.Bool
 }
+
+func (d *memDeliverer) Overloaded() bool { return d.overloaded.Load() }
 
 type restAck struct {
 	user   schema.UserID

@@ -55,6 +55,19 @@ type Deliverer interface {
 	AckByID(ctx context.Context, user schema.UserID, device schema.DeviceID, ids []string) error
 }
 
+// Overloader is implemented by a Deliverer that can tell when it falls
+// behind its live messages. While it does, group messages pass a gate that
+// admits them at the rate the node keeps up with (see fanoutGate): a
+// fan-out is a thousand deliveries per message, and a node that accepts
+// group messages faster than it delivers them builds a backlog that only
+// grows. A message waits for its turn up to Config.FanoutPause (its
+// sender's socket is not read meanwhile, so the client slows down the way
+// TCP would slow it) and is refused with rate_limited beyond that.
+// One-to-one messages do not wait.
+type Overloader interface {
+	Overloaded() bool
+}
+
 // Config configures a Gateway.
 type Config struct {
 	// JS publishes accepted messages to CHAT_IN. Required.
@@ -111,6 +124,10 @@ type Config struct {
 	// Node names this gateway in the subject of its CHAT_IN batches
 	// (schema.ChatInBatch): 1 to 64 of [A-Za-z0-9_-]. Default "gateway".
 	Node string
+	// FanoutPause is the longest a group message waits for its turn
+	// while the Deliverer falls behind (see Overloader); one that would
+	// wait longer is refused with rate_limited. Default 5s.
+	FanoutPause time.Duration
 	// Metrics registers the gateway's Prometheus collectors
 	// (vartalap_gateway_*). Default nil: they count but are not registered.
 	// New fails if they cannot be registered (e.g. a second gateway on the
@@ -128,6 +145,7 @@ const (
 	DefaultPublishTimeout  = 5 * time.Second
 	DefaultRatePerSecond   = 50
 	DefaultMaxRESTMessages = 100
+	DefaultFanoutPause     = 5 * time.Second
 )
 
 // readBufferSize is the per-socket read buffer. Small, because every idle
@@ -147,7 +165,8 @@ type Gateway struct {
 	hardLimit int64
 	burst     int
 	origins   []string
-	commit    *committer // group commit of CHAT_IN publishes
+	commit    *committer  // group commit of CHAT_IN publishes
+	fanout    *fanoutGate // nil unless the Deliverer is an Overloader
 	// The last message rendered per format (see conn.render).
 	lastProto, lastJSON atomic.Pointer[rendered]
 	metrics             *metrics
@@ -183,7 +202,7 @@ func New(cfg Config) (*Gateway, error) {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
 	if cfg.MaxFrameBytes < 0 || cfg.OutboundQueue < 0 || cfg.PingInterval < 0 || cfg.WriteTimeout < 0 ||
-		cfg.PublishTimeout < 0 || cfg.RatePerSecond < 0 || cfg.MaxRESTMessages < 0 {
+		cfg.PublishTimeout < 0 || cfg.RatePerSecond < 0 || cfg.MaxRESTMessages < 0 || cfg.FanoutPause < 0 {
 		return nil, errors.New("gateway: config: negative limit")
 	}
 	if cfg.MaxFrameBytes == 0 {
@@ -210,6 +229,9 @@ func New(cfg Config) (*Gateway, error) {
 	if cfg.MaxRESTMessages == 0 {
 		cfg.MaxRESTMessages = DefaultMaxRESTMessages
 	}
+	if cfg.FanoutPause == 0 {
+		cfg.FanoutPause = DefaultFanoutPause
+	}
 	if cfg.Node == "" {
 		cfg.Node = "gateway"
 	}
@@ -229,6 +251,9 @@ func New(cfg Config) (*Gateway, error) {
 		conns:     make(map[*conn]struct{}),
 		commit:    newCommitter(cfg.JS, cfg.Logger, cfg.PublishTimeout, cfg.Node, m),
 		metrics:   m,
+	}
+	if o, ok := cfg.Delivery.(Overloader); ok {
+		g.fanout = newFanoutGate(o.Overloaded, cfg.FanoutPause, m)
 	}
 	g.ctx, g.cancel = context.WithCancel(context.Background())
 	for _, o := range cfg.AllowedOrigins {
@@ -433,3 +458,13 @@ func newServerID() string {
 }
 
 func nowMs() uint64 { return uint64(time.Now().UnixMilli()) }
+
+// admitGroup passes a group message through the fan-out gate (see
+// Overloader); false: refuse it with rate_limited.
+func (g *Gateway) admitGroup(ctx context.Context) bool {
+	return g.fanout == nil || g.fanout.admit(ctx)
+}
+
+// busyReason is the rate_limited reason of a group message the fan-out
+// gate refused.
+const busyReason = "the server is busy delivering group messages; resend later"

@@ -11,17 +11,19 @@ import (
 // whether or not Config.Metrics registers them. Labels take values from
 // fixed sets only: never a user or message id.
 type metrics struct {
-	conns      prometheus.Gauge       // open WebSockets
-	messages   *prometheus.CounterVec // {result}: accepted, rejected
-	accepted   prometheus.Counter     // messages{result="accepted"}
-	rejected   prometheus.Counter     // messages{result="rejected"}
-	rejections *prometheus.CounterVec // {code}: rejected messages by schema.Code*
-	commitMsgs prometheus.Histogram   // client messages per CHAT_IN batch
-	commitTime prometheus.Histogram   // publish to PubAck of one CHAT_IN batch
-	frames     prometheus.Counter     // data frames written to sockets
-	writes     prometheus.Counter     // system writes to sockets (frames written together count once)
-	backlog    prometheus.Gauge       // CHAT_IN bytes not yet routed, as last read
-	paused     prometheus.Counter     // seconds commits waited for the backlog
+	conns       prometheus.Gauge       // open WebSockets
+	messages    *prometheus.CounterVec // {result}: accepted, rejected
+	accepted    prometheus.Counter     // messages{result="accepted"}
+	rejected    prometheus.Counter     // messages{result="rejected"}
+	rejections  *prometheus.CounterVec // {code}: rejected messages by schema.Code*
+	commitMsgs  prometheus.Histogram   // client messages per CHAT_IN batch
+	commitTime  prometheus.Histogram   // publish to PubAck of one CHAT_IN batch
+	frames      prometheus.Counter     // data frames written to sockets
+	writes      prometheus.Counter     // system writes to sockets (frames written together count once)
+	backlog     prometheus.Gauge       // CHAT_IN bytes not yet routed, as last read
+	paused      prometheus.Counter     // seconds commits waited for the backlog
+	fanout      prometheus.Counter     // seconds group messages waited at the fan-out gate
+	fanoutLimit prometheus.Gauge       // the fan-out gate's limit (0: open)
 }
 
 // rejectionCodes are the codes the gateway answers with, so their series
@@ -65,6 +67,14 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "vartalap_gateway_commit_paused_seconds_total",
 			Help: "Time the group committer paused because the CHAT_IN backlog was high (back-pressure).",
 		}),
+		fanout: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "vartalap_gateway_fanout_paused_seconds_total",
+			Help: "Time group messages waited at the fan-out gate before their commit because this node's delivery was falling behind (back-pressure on group senders).",
+		}),
+		fanoutLimit: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "vartalap_gateway_fanout_limit",
+			Help: "Group messages per second the fan-out gate admits while this node's delivery falls behind; 0 while it keeps up (no limit).",
+		}),
 		frames: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "vartalap_gateway_frames_written_total",
 			Help: "Data frames written to WebSockets (messages, acks, error notices, pongs).",
@@ -79,7 +89,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	for _, code := range rejectionCodes {
 		m.rejections.WithLabelValues(code)
 	}
-	if err := prom.Register(reg, m.conns, m.messages, m.rejections, m.commitMsgs, m.commitTime, m.frames, m.writes, m.backlog, m.paused); err != nil {
+	if err := prom.Register(reg, m.conns, m.messages, m.rejections, m.commitMsgs, m.commitTime, m.frames, m.writes, m.backlog, m.paused, m.fanout, m.fanoutLimit); err != nil {
 		return nil, err
 	}
 	return m, nil

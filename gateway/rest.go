@@ -92,6 +92,14 @@ func (g *Gateway) serveMessages(w http.ResponseWriter, r *http.Request) {
 			ackIdx = append(ackIdx, i)
 			continue
 		}
+		if m.Channel == schema.ChannelGroup {
+			if !g.admitGroup(r.Context()) {
+				entries[i].err = &restError{Index: i, ID: m.ID, Code: schema.CodeRateLimited, Reason: busyReason}
+				g.metrics.reject(schema.CodeRateLimited)
+				continue
+			}
+			now = nowMs() // it may have waited
+		}
 		m.Stamp(id.User, newServerID(), now)
 		pub = append(pub, m)
 		pubIdx = append(pubIdx, i)

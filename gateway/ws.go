@@ -635,6 +635,10 @@ func (c *conn) handleFrame(ctx context.Context, typ int, data []byte) {
 		c.reject(m.ID, schema.CodeRateLimited, "too many messages; slow down and resend")
 		return
 	}
+	if m.Channel == schema.ChannelGroup && !c.g.admitGroup(ctx) { // the socket is not read meanwhile
+		c.reject(m.ID, schema.CodeRateLimited, busyReason)
+		return
+	}
 	m.Stamp(c.user, newServerID(), nowMs())
 	if m.Ephemeral {
 		if err := c.g.publish(ctx, c.user, c.device, m); err != nil {

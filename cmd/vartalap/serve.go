@@ -597,6 +597,12 @@ func (a deliveryAdapter) AckByID(ctx context.Context, u schema.UserID, dev schem
 	return a.d.AckByID(ctx, u, dev, ids)
 }
 
+// Overloaded slows group senders while this node's sessions fall behind
+// (gateway.Overloader).
+func (a deliveryAdapter) Overloaded() bool { return a.d.Overloaded() }
+
+var _ gateway.Overloader = deliveryAdapter{}
+
 // groupsSource is what both groups.Service and groups.Client offer.
 type groupsSource interface {
 	Members(ctx context.Context, g schema.GroupID) ([]schema.UserID, error)
