@@ -131,8 +131,10 @@ type Service struct {
 	purgeRate     *rate.Limiter // session purges started per second on this node
 	maxAckPending int           // acks queued for a session before extra ones are dropped
 	laggingHigh   int64         // lagging sessions at which Overloaded reports true
+	recentMembers int           // sessions of a group here that make it keep its latest messages
 
-	lagging atomic.Int64 // sessions catching up after losing live messages (Session.lagging)
+	lagging    atomic.Int64 // sessions catching up after losing live messages (Session.lagging)
+	recentPool recentPool   // batches read from groups' latest messages (see recent)
 	// lateUntil: until when (UnixNano) the node counts as overloaded
 	// because the dispatcher met a group message older than liveAgeHigh.
 	lateUntil   atomic.Int64
@@ -171,6 +173,9 @@ type subs struct {
 	sessions []*Session
 	dropped  int
 	group    bool // a group's: its messages are decoded once for all sessions
+	// recent: a group's latest live messages, once it has recentMembers
+	// sessions here (set under Service.mu, then kept while subscribed).
+	recent *recent
 }
 
 // New validates cfg, fills defaults and returns a Service.
@@ -255,6 +260,7 @@ func New(cfg Config) (*Service, error) {
 		purgeRate:     rate.NewLimiter(purgesPerSecond, 1),
 		maxAckPending: 4 * cfg.MaxInFlight,
 		laggingHigh:   LaggingHigh,
+		recentMembers: recentMembers,
 		liveAgeHigh:   LiveAgeHigh,
 		users:         make(map[schema.UserID]*subs),
 		groups:        make(map[schema.GroupID]*subs),
@@ -511,6 +517,9 @@ func (s *Service) dispatch(ctx context.Context, ch <-chan *nats.Msg) {
 				// Deliver on this goroutine (see Session.push) unless live
 				// messages are queueing up behind it: then the sessions'
 				// workers share the work over the cores.
+				if u.recent != nil {
+					u.recent.add(m, dec) // before the sessions see it (see Session.fillRecent)
+				}
 				now, inline := time.Now(), len(ch) < inlineBacklog
 				for _, ss := range u.sessions {
 					ss.push(m, dec, now, inline)
@@ -755,6 +764,9 @@ func (s *Service) joinGroup(ss *Session, g schema.GroupID) error {
 		subscribed = true
 	}
 	u.sessions = append(u.sessions, ss)
+	if u.recent == nil && len(u.sessions) >= s.recentMembers {
+		u.recent = &recent{}
+	}
 	s.mu.Unlock()
 	if subscribed && s.nc != s.js.Conn() {
 		// The catch-up read goes over another connection: make sure the
@@ -766,6 +778,16 @@ func (s *Service) joinGroup(ss *Session, g schema.GroupID) error {
 			s.log.Warn("flush subscription", "group", g, "err", err)
 		}
 		cancel()
+	}
+	return nil
+}
+
+// recentOf returns group g's latest live messages on this node, or nil.
+func (s *Service) recentOf(g schema.GroupID) *recent {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	if u := s.groups[g]; u != nil {
+		return u.recent
 	}
 	return nil
 }

@@ -13,6 +13,7 @@ type metrics struct {
 	sessions    prometheus.Gauge   // sessions delivering on this node
 	lagging     prometheus.Gauge   // sessions re-reading the streams after losing live messages
 	fellBehind  prometheus.Counter // times a session lost live messages and started re-reading
+	fromRecent  prometheus.Counter // messages a re-read took from a group's latest in memory
 	delivered   prometheus.Counter // messages handed to a sink the first time
 	redelivered prometheus.Counter // in-flight messages handed again after AckTimeout
 	acks        prometheus.Counter // messages acked by a device
@@ -32,6 +33,10 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "vartalap_delivery_fell_behind_total",
 			Help: "Times a session lost live messages (its queue overflowed, or the node's subscription dropped messages) and started re-reading the streams.",
 		}),
+		fromRecent: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "vartalap_delivery_from_recent_total",
+			Help: "Group messages a session that fell behind took from the group's latest messages kept in memory on this node, instead of reading GROUP_LOG.",
+		}),
 		delivered: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "vartalap_delivery_delivered_total",
 			Help: "Messages handed to a connection for the first time in its session (inbox messages and ephemeral ones).",
@@ -45,7 +50,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Help: "Inbox messages acknowledged by a device (CLIENT_ACK over WebSocket or REST).",
 		}),
 	}
-	if err := prom.Register(reg, m.sessions, m.lagging, m.fellBehind, m.delivered, m.redelivered, m.acks); err != nil {
+	if err := prom.Register(reg, m.sessions, m.lagging, m.fellBehind, m.fromRecent, m.delivered, m.redelivered, m.acks); err != nil {
 		return nil, err
 	}
 	return m, nil

@@ -711,6 +711,14 @@ func (ss *Session) slowConsumer() {
 // fill reads lane l's stream after next into the window until the window
 // is full or the stream has no more.
 func (ss *Session) fill(l *lane, now time.Time) bool {
+	if l.group != "" && l.member.Current() {
+		switch done, ok := ss.fillRecent(l, now); {
+		case !ok:
+			return false
+		case done:
+			return true
+		}
+	}
 	dead, full, over := false, false, false
 	room := ss.s.cfg.MaxInFlight - ss.inFlight
 	end, err := ss.s.scan(ss.ctx, l.stream(), l.subject, l.next+1, min(room, 256), func(m *jetstream.RawStreamMsg) bool {
@@ -751,6 +759,42 @@ func (ss *Session) fill(l *lane, now time.Time) bool {
 	}
 	ss.advance(l) // skipped (already acked) messages may move the floor
 	return true
+}
+
+// fillRecent reads group lane l's next messages from the group's latest
+// live messages on this node (see recent) instead of the stream, as far as
+// they go without a hole. done: nothing is left for the stream read (the
+// newest was reached, or the window is full); false ok: the session ended.
+func (ss *Session) fillRecent(l *lane, now time.Time) (done, ok bool) {
+	r := ss.s.recentOf(l.group)
+	if r == nil {
+		return false, true
+	}
+	room := ss.s.cfg.MaxInFlight - ss.inFlight
+	if room <= 0 {
+		return true, true
+	}
+	batch, newest := r.after(l.next, room, ss.s.recentPool.get())
+	defer ss.s.recentPool.put(batch)
+	for i := range batch {
+		e := &batch[i]
+		if !ss.send(l, e.seq, e.m.Header, e.m.Data, e.dec, now) {
+			return true, false
+		}
+	}
+	if len(batch) > 0 {
+		ss.s.metrics.fromRecent.Add(float64(len(batch)))
+		ss.fromStream = true // a batch: flush it (see Flusher)
+		ss.advance(l)
+	}
+	switch {
+	case newest:
+		l.behind, l.backoff, l.retryAt = false, 0, time.Time{}
+		return true, true
+	case ss.inFlight >= ss.s.cfg.MaxInFlight:
+		return true, true
+	}
+	return false, true
 }
 
 // redeliver sends again every in-flight message sent at least AckTimeout
