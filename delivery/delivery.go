@@ -139,6 +139,7 @@ type Service struct {
 	// because the dispatcher met a group message older than liveAgeHigh.
 	lateUntil   atomic.Int64
 	liveAgeHigh time.Duration // see LiveAgeHigh
+	lateFor     time.Duration // see lateFor
 
 	assets atomic.Pointer[assets]
 
@@ -262,6 +263,7 @@ func New(cfg Config) (*Service, error) {
 		laggingHigh:   LaggingHigh,
 		recentMembers: recentMembers,
 		liveAgeHigh:   LiveAgeHigh,
+		lateFor:       lateFor,
 		users:         make(map[schema.UserID]*subs),
 		groups:        make(map[schema.GroupID]*subs),
 		bySubj:        make(map[string]*subs),
@@ -643,33 +645,36 @@ func (s *Service) local(user schema.UserID, device schema.DeviceID) []*Session {
 // cannot keep up with.
 const LaggingHigh = 32
 
-// LiveAgeHigh is the age (since the gateway accepted it) of a live group
-// message handed to a device above which the node counts as overloaded,
-// for lateFor after. Normally a message gets there in tens of milliseconds.
+// LiveAgeHigh is how long a live group message may wait in a session's
+// queue (from the dispatcher to the device's connection) before the node
+// counts as overloaded, for lateFor after. Normally it waits a few
+// milliseconds. Measured on this node's clock alone, so clocks that differ
+// between nodes do not matter.
 const LiveAgeHigh = 500 * time.Millisecond
 
 // lateFor is how long one late group message keeps the node overloaded:
 // a node behind hands out late messages continuously.
 const lateFor = 250 * time.Millisecond
 
-// noteAge records a live group message m handed to a session at now: if it
-// is older than liveAgeHigh, the node is behind (see Overloaded).
-func (s *Service) noteAge(m *schema.Message, now time.Time) {
-	if m.ServerTimestamp == 0 || now.Sub(time.UnixMilli(int64(m.ServerTimestamp))) <= s.liveAgeHigh {
+// noteWait records that a session handed out a live group message at now
+// after it waited d in its queue: over liveAgeHigh, the node is behind
+// (see Overloaded).
+func (s *Service) noteWait(d time.Duration, now time.Time) {
+	if d <= s.liveAgeHigh {
 		return
 	}
 	// Stored rarely (a thousand members' sessions note the same late
 	// message): once per lateFor/4.
-	until := now.Add(lateFor).UnixNano()
-	if until-s.lateUntil.Load() > int64(lateFor/4) {
+	until := now.Add(s.lateFor).UnixNano()
+	if until-s.lateUntil.Load() > int64(s.lateFor/4) {
 		s.lateUntil.Store(until)
 	}
 }
 
 // Overloaded reports whether this node is falling behind its live
-// messages: a session was handed a live group message older than
-// LiveAgeHigh in the last lateFor, or LaggingHigh sessions or more are
-// re-reading the streams after losing live messages. The gateway slows senders of group
+// messages: a session handed out a live group message that had waited over
+// LiveAgeHigh in its queue in the last lateFor, or LaggingHigh sessions or
+// more are re-reading the streams after losing live messages. The gateway slows senders of group
 // messages meanwhile: a 1,000-member group written to faster than the node
 // can deliver would otherwise grow a backlog without bound, and members
 // that fall behind re-read it from GROUP_LOG (many times the cost of the

@@ -150,23 +150,20 @@ func TestArmSkipsWorkStepWouldNotDo(t *testing.T) {
 }
 
 // A node counts as overloaded while its sessions hand out live group
-// messages older than LiveAgeHigh, and for lateFor after the last one.
-func TestOverloadedByAge(t *testing.T) {
+// messages that waited over LiveAgeHigh in their queues, and for lateFor
+// after the last one.
+func TestOverloadedByWait(t *testing.T) {
 	e := newEnv(t, Config{}, nil)
 	now := time.Now()
-	stamp := func(age time.Duration) *schema.Message {
-		return &schema.Message{ServerTimestamp: uint64(now.Add(-age).UnixMilli())}
-	}
-	e.svc.noteAge(stamp(50*time.Millisecond), now)
-	e.svc.noteAge(&schema.Message{}, now) // no timestamp: unknown age
+	e.svc.noteWait(50*time.Millisecond, now)
 	if e.svc.Overloaded() {
-		t.Fatal("overloaded by fresh messages")
+		t.Fatal("overloaded by messages that hardly waited")
 	}
-	e.svc.noteAge(stamp(LiveAgeHigh+time.Second), now.Add(-time.Second))
+	e.svc.noteWait(LiveAgeHigh+time.Second, now.Add(-time.Second))
 	if e.svc.Overloaded() {
 		t.Fatal("overloaded by a late message handed out over lateFor ago")
 	}
-	e.svc.noteAge(stamp(LiveAgeHigh+100*time.Millisecond), now)
+	e.svc.noteWait(LiveAgeHigh+100*time.Millisecond, now)
 	if !e.svc.Overloaded() {
 		t.Fatal("not overloaded right after a late message")
 	}

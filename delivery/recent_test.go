@@ -126,3 +126,48 @@ func TestGroupCatchUpFromRecent(t *testing.T) {
 	e.publishGroup(t, "team", "u1", "x7")
 	waitIDs(t, stalled, append(append([]string{"m1"}, ids...), "x7"))
 }
+
+// A group message that waited in a member's queue longer than
+// LiveAgeHigh (the member's worker was busy) makes the node count as
+// overloaded; one handed out at once does not.
+func TestOverloadedByQueuedGroupMessages(t *testing.T) {
+	mt := &memberTable{}
+	e := newEnv(t, Config{Groups: mt}, func(s *Service) { s.lateFor = time.Minute })
+	mt.set("u2", "team", schema.Epoch{})
+	k := &testSink{}
+	ss := e.open(t, "u2", "phone", k)
+	waitFor(t, "subscribed", func() bool {
+		e.svc.mu.RLock()
+		defer e.svc.mu.RUnlock()
+		return e.svc.groups["team"] != nil
+	})
+	live := func(seq uint64, id string) *nats.Msg {
+		m := recentLive(seq, 0, 0)
+		m.Subject = schema.DeliverGroup("team")
+		m.Header.Set(schema.HeaderSender, "u1")
+		m.Data = groupMsg("team", "u1", id).MarshalProto()
+		return m
+	}
+	dec := func(m *nats.Msg) *schema.Message {
+		d, err := schema.UnmarshalProto(m.Data)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return d
+	}
+	// As the dispatcher hands them over (queued for the worker), the
+	// first just now, the second a second ago.
+	m1 := live(100, "x1")
+	ss.push(m1, dec(m1), time.Now(), false)
+	waitIDs(t, k, []string{"x1"})
+	if e.svc.Overloaded() {
+		t.Fatal("overloaded by a message handed out at once")
+	}
+	m2 := live(101, "x2")
+	m2.Header.Set(schema.HeaderLastSeq, "100")
+	ss.push(m2, dec(m2), time.Now().Add(-time.Second), false)
+	waitIDs(t, k, []string{"x1", "x2"})
+	if !e.svc.Overloaded() {
+		t.Fatal("not overloaded after a group message waited a second in the queue")
+	}
+}

@@ -146,10 +146,12 @@ func (m mono) time() time.Time {
 func (m mono) add(d time.Duration) time.Time { return epoch.Add(time.Duration(m) + d) }
 
 // liveMsg is a live message queued for a session; dec is its decoded
-// payload when the dispatcher decoded it once for every member of a group.
+// payload when the dispatcher decoded it once for every member of a group;
+// at is when the dispatcher handed it over (this node's clock).
 type liveMsg struct {
 	m   *nats.Msg
 	dec *schema.Message
+	at  mono
 }
 
 // lane is one ordered source of a session's messages: the user's INBOX
@@ -286,12 +288,12 @@ func (ss *Session) push(m *nats.Msg, dec *schema.Message, now time.Time, inline 
 	case inline && !ss.working && !ss.woken && ss.ready && !ss.finished && len(ss.inq) == 0 && !ss.overflow:
 		ss.working = true // the worker role: the worker state is ours
 		ss.mu.Unlock()
-		ss.runInline(liveMsg{m, dec}, now)
+		ss.runInline(liveMsg{m, dec, 0}, now) // handled as it arrives: no wait
 		return
 	case len(ss.inq) >= ss.s.queueMsgs || int(ss.inqBytes)+len(m.Data) > ss.s.queueBytes:
 		ss.overflow = true
 	default:
-		ss.inq = append(ss.inq, liveMsg{m, dec})
+		ss.inq = append(ss.inq, liveMsg{m, dec, monoOf(now)})
 		ss.inqBytes += int32(len(m.Data))
 	}
 	ss.mu.Unlock()
@@ -635,8 +637,8 @@ func (ss *Session) live(lm liveMsg, now time.Time) bool {
 		l.behind = true
 		return true
 	}
-	if lm.dec != nil {
-		ss.s.noteAge(lm.dec, now) // a group message, decoded once for all
+	if lm.dec != nil && lm.at != 0 {
+		ss.s.noteWait(now.Sub(lm.at.time()), now) // a group message, decoded once for all
 	}
 	return ss.send(l, seq, m.Header, m.Data, lm.dec, now)
 }
