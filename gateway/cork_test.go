@@ -6,7 +6,9 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"testing/iotest"
 	"time"
@@ -409,4 +411,56 @@ func TestReadFrame(t *testing.T) {
 	if _, err := c.readFrame(io.MultiReader(strings.NewReader("part"), iotest.ErrReader(boom)), limit); !errors.Is(err, boom) {
 		t.Fatalf("reader error: got %v", err)
 	}
+}
+
+// The writer takes at most maxWriteBatch frames per write: frames count
+// against OutboundQueue until their batch is written, and a client acks the
+// first frames of a batch before the last are out (the Deliverer then sends
+// more), so an unbounded batch let a fast client overflow the queue.
+func TestWriteBatchBounded(t *testing.T) {
+	var mu sync.Mutex
+	var sizes []int
+	testWriteBatch = func(n int) {
+		mu.Lock()
+		defer mu.Unlock()
+		sizes = append(sizes, n)
+	}
+	t.Cleanup(func() { testWriteBatch = nil })
+	e := newEnv(t)
+	ws := e.dial(t, "format=binary", nil)
+	sess := e.del.lastSession(t, "alice")
+	const n = 3*maxWriteBatch + 10
+	for i := range n {
+		m := &schema.Message{Version: 2.1, ID: "m" + strconv.Itoa(i), Type: schema.TypeMessage, Channel: schema.ChannelIndividual,
+			Source: "bob", Destination: "alice", Content: []byte(`{"text":"hi"}`)}
+		if !sess.sink.Deliver(m) {
+			t.Fatalf("Deliver %d refused", i)
+		}
+	}
+	for i := range n {
+		if _, data := read(t, ws); parseBinaryID(t, data) != "m"+strconv.Itoa(i) {
+			t.Fatalf("frame %d out of order", i)
+		}
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	total := 0
+	for _, s := range sizes {
+		total += s
+		if s > maxWriteBatch {
+			t.Fatalf("a batch of %d frames, more than %d", s, maxWriteBatch)
+		}
+	}
+	if total != n {
+		t.Fatalf("batches of %v frames, %d in all, want %d", sizes, total, n)
+	}
+}
+
+func parseBinaryID(t testing.TB, data []byte) string {
+	t.Helper()
+	m, err := schema.UnmarshalProto(data)
+	if err != nil {
+		t.Fatalf("frame does not decode: %v", err)
+	}
+	return m.ID
 }

@@ -91,7 +91,10 @@ type Config struct {
 	// too_large error frame; beyond that the socket is closed with 1009.
 	MaxFrameBytes int
 	// OutboundQueue is the number of frames buffered per socket before it
-	// counts as a slow consumer. Default 256.
+	// counts as a slow consumer. It must exceed the Deliverer's window of
+	// unacked messages per device by a write batch (128 frames; see
+	// maxWriteBatch), or a client that acks while a batch is being written
+	// can be taken for a slow one. Default 512 (delivery's window: 256).
 	OutboundQueue int
 	// PingInterval is how often the server pings each socket. The read
 	// deadline is 2.5×PingInterval after the last frame or pong. Default 30s.
@@ -138,7 +141,7 @@ type Config struct {
 // Defaults.
 const (
 	DefaultMaxFrameBytes   = 64 << 10
-	DefaultOutboundQueue   = 256
+	DefaultOutboundQueue   = 512
 	DefaultPingInterval    = 30 * time.Second
 	DefaultWriteTimeout    = 10 * time.Second
 	DefaultWriteCoalesce   = 40 * time.Millisecond

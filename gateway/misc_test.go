@@ -36,7 +36,7 @@ func TestNewValidates(t *testing.T) {
 		t.Fatal(err)
 	}
 	c := g.cfg
-	if c.MaxFrameBytes != 64<<10 || c.OutboundQueue != 256 || c.PingInterval != DefaultPingInterval ||
+	if c.MaxFrameBytes != 64<<10 || c.OutboundQueue != 512 || c.PingInterval != DefaultPingInterval ||
 		c.WriteTimeout != DefaultWriteTimeout || c.PublishTimeout != DefaultPublishTimeout ||
 		c.RatePerSecond != 50 || g.burst != 100 || c.MaxRESTMessages != 100 || g.nc == nil || c.Logger == nil {
 		t.Fatalf("defaults not filled: %+v burst %d", c, g.burst)

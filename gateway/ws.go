@@ -389,8 +389,19 @@ func (c *conn) writeLoop() {
 			}
 			continue
 		}
-		batch, c.q, c.urgent = c.q, batch[:0], false
+		if len(c.q) <= maxWriteBatch {
+			batch, c.q = c.q, batch[:0]
+		} else {
+			batch = append(batch[:0], c.q[:maxWriteBatch]...)
+			n := copy(c.q, c.q[maxWriteBatch:])
+			clear(c.q[n:])
+			c.q = c.q[:n]
+		}
+		c.urgent = false
 		c.mu.Unlock()
+		if testWriteBatch != nil {
+			testWriteBatch(len(batch))
+		}
 		if err := c.writeFrames(batch, wt); err != nil {
 			c.logger().Info("write failed", "err", err)
 			c.fail()
@@ -408,6 +419,17 @@ func (c *conn) writeLoop() {
 		clear(batch)
 	}
 }
+
+// maxWriteBatch is the most frames the writer takes from the queue for one
+// write. Frames count against OutboundQueue until their batch is written,
+// and a client acks the first frames of a batch while the rest are still
+// being written; the Deliverer then sends more (its window is of unacked
+// messages). A bounded batch bounds that overlap: OutboundQueue must hold
+// the Deliverer's window plus one batch (the defaults: 256 + 128 < 512).
+const maxWriteBatch = 128
+
+// testWriteBatch, if set (tests only), is told each batch's size.
+var testWriteBatch func(n int)
 
 // coalesceFrames is the queue length at which the writer does not wait
 // for more (see coalesceWait), and at which a waiting writer is woken:
