@@ -2,6 +2,7 @@ package gateway
 
 import (
 	"encoding/json"
+	"net/http"
 	"testing"
 	"time"
 
@@ -91,10 +92,7 @@ func TestFanoutGateControl(t *testing.T) {
 func TestGroupMessagesGatedWhileOverloaded(t *testing.T) {
 	e := newEnv(t, withConfig(func(c *Config) { c.FanoutPause = time.Millisecond }))
 	ws := e.dial(t, "ack=true", nil)
-	group := func(id string) string {
-		return `{"_v":2.1,"id":"` + id + `","head":{"type":"GROUP","to":"0f8fad5b-d9cb-469f-a165-70867728950e","contentType":"text","action":"message"},"body":{"text":"hi"}}`
-	}
-	writeText(t, ws, group("g1"))
+	writeText(t, ws, groupJSON("g1"))
 	if typ, data := read(t, ws); parseAck(t, typ, data).ID != "g1" {
 		t.Fatalf("no ack for g1: %s", data)
 	}
@@ -102,8 +100,8 @@ func TestGroupMessagesGatedWhileOverloaded(t *testing.T) {
 	time.Sleep(gateTick + 10*time.Millisecond) // the gate looks again after gateTick
 	// The first message after the overload takes the gate's one token
 	// (the floor: 5/s); the next would wait 200 ms.
-	writeText(t, ws, group("g2"))
-	writeText(t, ws, group("g3"))
+	writeText(t, ws, groupJSON("g2"))
+	writeText(t, ws, groupJSON("g3"))
 	writeText(t, ws, chatJSON("d1", "bob"))
 	acked, refused := map[string]bool{}, map[string]string{}
 	for range 3 {
@@ -129,5 +127,32 @@ func TestGroupMessagesGatedWhileOverloaded(t *testing.T) {
 	}
 	if got := e.streamMsgs(t); got != 3 {
 		t.Fatalf("CHAT_IN has %d messages, want 3 (g1, g2, d1)", got)
+	}
+}
+
+func groupJSON(id string) string {
+	return `{"_v":2.1,"id":"` + id + `","head":{"type":"GROUP","to":"0f8fad5b-d9cb-469f-a165-70867728950e","contentType":"text","action":"message"},"body":{"text":"hi"}}`
+}
+
+// POST /messages passes group entries through the same gate: one over its
+// turn is refused with rate_limited in the entry's error; the others are
+// stored.
+func TestRESTGroupMessagesGatedWhileOverloaded(t *testing.T) {
+	e := newEnv(t, withConfig(func(c *Config) { c.FanoutPause = time.Millisecond }))
+	e.del.overloaded.Store(true)
+	status, body := e.post(t, "/messages?ack=true", credHeader("alice", "ka"),
+		jsonArray(groupJSON("g1"), groupJSON("g2"), chatJSON("d1", "bob")))
+	if status != http.StatusCreated {
+		t.Fatalf("status %d: %s", status, body)
+	}
+	var resp restResponse
+	if err := json.Unmarshal(body, &resp); err != nil {
+		t.Fatal(err)
+	}
+	if len(resp.Errors) != 1 || resp.Errors[0].ID != "g2" || resp.Errors[0].Code != schema.CodeRateLimited || len(resp.Acks) != 2 {
+		t.Fatalf("want g1 and d1 acked, g2 rate_limited: %s", body)
+	}
+	if got := e.streamMsgs(t); got != 2 {
+		t.Fatalf("CHAT_IN has %d messages, want 2", got)
 	}
 }

@@ -96,6 +96,7 @@ func (g *Gateway) serveMessages(w http.ResponseWriter, r *http.Request) {
 			if !g.admitGroup(r.Context()) {
 				entries[i].err = &restError{Index: i, ID: m.ID, Code: schema.CodeRateLimited, Reason: busyReason}
 				g.metrics.reject(schema.CodeRateLimited)
+				g.log.Info("message rejected", "user", string(id.User), "index", i, "code", schema.CodeRateLimited, "msg_id", m.ID)
 				continue
 			}
 			now = nowMs() // it may have waited

@@ -397,7 +397,7 @@ func (c *conn) writeLoop() {
 			clear(c.q[n:])
 			c.q = c.q[:n]
 		}
-		c.urgent = false
+		c.urgent = c.urgent && len(c.q) > 0 // the rest of a Flush goes out at once too
 		c.mu.Unlock()
 		if testWriteBatch != nil {
 			testWriteBatch(len(batch))
