@@ -456,10 +456,10 @@ func (ss *Session) step() (time.Time, bool) {
 		}
 	}
 	ss.pruneGroups()
-	if ss.dirty && !ss.flushing && !now.Before(ss.lastFlush.add(ss.s.cfg.CursorFlush)) {
+	if ss.flushWaiting() && !now.Before(ss.lastFlush.add(ss.s.cfg.CursorFlush)) {
 		ss.flushAsync()
 	}
-	if ss.purgeDue && !ss.dirty && !ss.flushing && !now.Before(ss.lastPurge.Add(ss.s.purgeEvery)) {
+	if ss.purgeWaiting() && !now.Before(ss.lastPurge.Add(ss.s.purgeEvery)) {
 		ss.purgeAsync()
 	}
 	if ss.lagging && !ss.behindAny() {
@@ -527,6 +527,14 @@ func (ss *Session) refill() bool {
 	return ss.inFlight == 0 || (room > 0 && 2*room >= ss.s.cfg.MaxInFlight)
 }
 
+// flushWaiting reports whether the cursor waits for a write (step writes it
+// CursorFlush after the last) and none runs.
+func (ss *Session) flushWaiting() bool { return ss.dirty && !ss.flushing }
+
+// purgeWaiting reports whether a purge waits (step runs it purgeEvery after
+// the last) and no cursor write is pending or running.
+func (ss *Session) purgeWaiting() bool { return ss.purgeDue && !ss.dirty && !ss.flushing }
+
 // arm sets the timer for the next redelivery, flush or read retry; with
 // nothing pending the timer stays off.
 func (ss *Session) arm(now time.Time) {
@@ -548,10 +556,10 @@ func (ss *Session) arm(now time.Time) {
 	// again at once, step after step, until that changed. What ends those
 	// waits wakes the worker itself (the background write's result, an
 	// ack).
-	if ss.dirty && !ss.flushing {
+	if ss.flushWaiting() {
 		earlier(ss.lastFlush.add(ss.s.cfg.CursorFlush))
 	}
-	if ss.refill() && ss.inFlight < ss.s.cfg.MaxInFlight {
+	if ss.refill() && ss.inFlight < ss.s.cfg.MaxInFlight { // as step's reads
 		for l := range ss.lanes() {
 			if l.behind && !l.retryAt.IsZero() {
 				earlier(l.retryAt)
@@ -561,7 +569,7 @@ func (ss *Session) arm(now time.Time) {
 	if ss.stale {
 		earlier(ss.refreshTime()) // zero (now) unless a load failed
 	}
-	if ss.purgeDue && !ss.dirty && !ss.flushing {
+	if ss.purgeWaiting() {
 		earlier(ss.lastPurge.Add(ss.s.purgeEvery))
 	}
 	// Re-arming costs a lock of the runtime's timer heap: skip it when
