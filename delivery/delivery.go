@@ -129,6 +129,8 @@ type Service struct {
 	purgeAcks     int           // acks since the last purge that make the next flush purge anyway
 	purgeSlots    chan struct{} // purges running at once on this node (see tryPurge)
 	purgeRate     *rate.Limiter // session purges started per second on this node
+	warnRate      *rate.Limiter // sessions' warnings logged per second (see warn)
+	warnsDropped  atomic.Int64  // warnings left out since the last one logged
 	maxAckPending int           // acks queued for a session before extra ones are dropped
 	laggingHigh   int64         // lagging sessions at which Overloaded reports true
 	recentMembers int           // sessions of a group here that make it keep its latest messages
@@ -259,6 +261,7 @@ func New(cfg Config) (*Service, error) {
 		purgeAcks:     1000,
 		purgeSlots:    make(chan struct{}, purgeConcurrency),
 		purgeRate:     rate.NewLimiter(purgesPerSecond, 1),
+		warnRate:      rate.NewLimiter(sessionWarnsPerSecond, sessionWarnsBurst),
 		maxAckPending: 4 * cfg.MaxInFlight,
 		laggingHigh:   LaggingHigh,
 		recentMembers: recentMembers,
@@ -685,6 +688,28 @@ func (s *Service) noteWait(d time.Duration, now time.Time) {
 // two atomic loads.
 func (s *Service) Overloaded() bool {
 	return s.lagging.Load() >= s.laggingHigh || time.Now().UnixNano() < s.lateUntil.Load()
+}
+
+// Sessions' warnings (a failed stream read, cursor write or purge) are
+// logged at most this often: under load a thousand sessions fail the same
+// way at once, and a log line each per second buried the rest.
+const (
+	sessionWarnsPerSecond = 10
+	sessionWarnsBurst     = 20
+)
+
+// warn logs a session's warning unless sessions have logged more than
+// sessionWarnsPerSecond lately; the next one logged says how many were
+// left out ("suppressed").
+func (s *Service) warn(msg string, args ...any) {
+	if !s.warnRate.Allow() {
+		s.warnsDropped.Add(1)
+		return
+	}
+	if n := s.warnsDropped.Swap(0); n > 0 {
+		args = append(args, "suppressed", n)
+	}
+	s.log.Warn(msg, args...)
 }
 
 // Sessions returns the number of open sessions on this node.

@@ -1,7 +1,11 @@
 package delivery
 
 import (
+	"bytes"
+	"log/slog"
 	"slices"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -168,4 +172,41 @@ func TestOverloadedByWait(t *testing.T) {
 		t.Fatal("not overloaded right after a late message")
 	}
 	waitFor(t, "overload to pass", func() bool { return !e.svc.Overloaded() })
+}
+
+// Sessions' warnings are rate-limited: a thousand sessions failing the same
+// way at once log a burst, then sessionWarnsPerSecond, and the next line
+// logged says how many were left out.
+func TestSessionWarningsLimited(t *testing.T) {
+	var buf syncBuffer
+	e := newEnv(t, Config{Logger: slog.New(slog.NewTextHandler(&buf, nil))}, nil)
+	for range 100 {
+		e.svc.warn("cursor flush", "user", "u1")
+	}
+	if n := strings.Count(buf.String(), `msg="cursor flush"`); n != sessionWarnsBurst {
+		t.Fatalf("%d warnings logged of 100 at once, want the burst of %d", n, sessionWarnsBurst)
+	}
+	waitFor(t, "a warning to be allowed again", func() bool { return e.svc.warnRate.Tokens() >= 1 })
+	e.svc.warn("cursor flush", "user", "u1")
+	if !strings.Contains(buf.String(), "suppressed=80") {
+		t.Fatalf("the next warning does not count the 80 left out:\n%s", buf.String())
+	}
+}
+
+// syncBuffer is a bytes.Buffer safe for a logger and a test at once.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }

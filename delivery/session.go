@@ -756,7 +756,7 @@ func (ss *Session) fill(l *lane, now time.Time) bool {
 		if ss.ctx.Err() == nil {
 			l.backoff = min(max(2*l.backoff, 100*time.Millisecond), 5*time.Second)
 			l.retryAt = time.Now().Add(l.backoff)
-			ss.s.log.Warn("stream read", "user", ss.user, "device", ss.device, "subject", l.subject, "err", err)
+			ss.s.warn("stream read", "user", ss.user, "device", ss.device, "subject", l.subject, "err", err)
 		}
 		return true
 	}
@@ -873,7 +873,7 @@ func (ss *Session) redeliverLane(l *lane, now time.Time) bool {
 	}
 	if err != nil {
 		if ss.ctx.Err() == nil {
-			ss.s.log.Warn("stream read for redelivery", "user", ss.user, "device", ss.device, "subject", l.subject, "err", err)
+			ss.s.warn("stream read for redelivery", "user", ss.user, "device", ss.device, "subject", l.subject, "err", err)
 		}
 		return true
 	}
@@ -1010,7 +1010,7 @@ func (ss *Session) refreshGroups() {
 			g := ss.aux()
 			g.refreshBo = min(max(2*g.refreshBo, 500*time.Millisecond), 30*time.Second)
 			g.refreshAt = time.Now().Add(g.refreshBo)
-			ss.s.log.Warn("load memberships", "user", ss.user, "err", err)
+			ss.s.warn("load memberships", "user", ss.user, "err", err)
 		}
 		return
 	}
@@ -1202,12 +1202,12 @@ func (ss *Session) purgeAsync() {
 		}
 		doc, _, err := cas(ctx, ss.s.log, a.cursors, schema.Token(ss.user), func(*cursorDoc, bool) casOp { return casNone })
 		if err != nil {
-			ss.s.log.Warn("inbox purge", "user", ss.user, "err", err)
+			ss.s.warn("inbox purge", "user", ss.user, "err", err)
 			return flushResult{}
 		}
 		ran, err := ss.s.tryPurge(ctx, a, ss.user, doc, false)
 		if err != nil {
-			ss.s.log.Warn("inbox purge", "user", ss.user, "err", err)
+			ss.s.warn("inbox purge", "user", ss.user, "err", err)
 		}
 		return flushResult{purgeSkipped: !ran}
 	})
@@ -1296,14 +1296,14 @@ func (ss *Session) writeCursor(ctx context.Context, mine *deviceCursor, dropped 
 		return true
 	})
 	if err != nil {
-		ss.s.log.Warn("cursor flush", "user", ss.user, "device", ss.device, "err", err)
+		ss.s.warn("cursor flush", "user", ss.user, "device", ss.device, "err", err)
 		res.err = err
 		return res
 	}
 	if res.merged != nil && purge {
 		ran, err := ss.s.tryPurge(ctx, a, ss.user, doc, urgent)
 		if err != nil {
-			ss.s.log.Warn("inbox purge", "user", ss.user, "err", err)
+			ss.s.warn("inbox purge", "user", ss.user, "err", err)
 		}
 		res.purged = ran // skipped when the node is busy purging: purgeDue
 	}
@@ -1342,12 +1342,12 @@ func (ss *Session) purgeNow(ctx context.Context) {
 	defer cancel()
 	doc, _, err := cas(ctx, ss.s.log, a.cursors, schema.Token(ss.user), func(*cursorDoc, bool) casOp { return casNone })
 	if err != nil {
-		ss.s.log.Warn("inbox purge", "user", ss.user, "err", err)
+		ss.s.warn("inbox purge", "user", ss.user, "err", err)
 		return
 	}
 	// A busy node skips it: the user's next session purges.
 	if _, err := ss.s.tryPurge(ctx, a, ss.user, doc, false); err != nil {
-		ss.s.log.Warn("inbox purge", "user", ss.user, "err", err)
+		ss.s.warn("inbox purge", "user", ss.user, "err", err)
 	}
 }
 
