@@ -1,6 +1,7 @@
 package delivery
 
 import (
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -18,6 +19,11 @@ type ackSink struct {
 	n       atomic.Int64
 	want    int64
 	done    chan struct{}
+	// Optionally, a count shared by several sinks: allDone is closed when
+	// it reaches totalWant.
+	total     *atomic.Int64
+	totalWant int64
+	allDone   chan struct{}
 }
 
 func (k *ackSink) Deliver(m *schema.Message) bool {
@@ -30,6 +36,9 @@ func (k *ackSink) Deliver(m *schema.Message) bool {
 	k.mu.Unlock()
 	if k.n.Add(1) == k.want {
 		close(k.done)
+	}
+	if k.total != nil && k.total.Add(1) == k.totalWant {
+		close(k.allDone)
 	}
 	return true
 }
@@ -68,4 +77,48 @@ func BenchmarkSessionDeliver(b *testing.B) {
 	b.StopTimer()
 	b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "msgs/s")
 	ss.Close()
+}
+
+// BenchmarkGroupFanout measures the live fan-out of group messages to the
+// sessions of a group's members on one node: each message stored once in
+// GROUP_LOG reaches every member's sink, which acks it at once. ns/op is
+// per message; deliveries/s counts member copies.
+func BenchmarkGroupFanout(b *testing.B) {
+	const members = 200
+	mt := &memberTable{}
+	e := startService(b, natstest.Start(b), Config{Groups: mt}, nil)
+	var delivered atomic.Int64
+	want := int64(b.N) * (members - 1) // the sender gets none
+	done := make(chan struct{})
+	sinks := make([]*ackSink, members)
+	for i := range members {
+		u := schema.UserID("m" + strconv.Itoa(i))
+		mt.set(u, "team", schema.Epoch{})
+		k := &ackSink{done: make(chan struct{}), want: -1, total: &delivered, totalWant: want, allDone: done}
+		sinks[i] = k
+		ss, err := e.svc.Open(b.Context(), u, "phone", k)
+		if err != nil {
+			b.Fatal(err)
+		}
+		k.attach(ss)
+	}
+	waitFor(b, "every member subscribed", func() bool {
+		e.svc.mu.RLock()
+		defer e.svc.mu.RUnlock()
+		u := e.svc.groups["team"]
+		return u != nil && len(u.sessions) == members
+	})
+	b.ReportAllocs()
+	b.ResetTimer()
+	start := time.Now()
+	for i := range b.N {
+		e.publishGroup(b, "team", "m0", "g"+strconv.Itoa(i))
+	}
+	select {
+	case <-done:
+	case <-time.After(5 * time.Minute):
+		b.Fatalf("delivered %d of %d", delivered.Load(), want)
+	}
+	b.StopTimer()
+	b.ReportMetric(float64(want)/time.Since(start).Seconds(), "deliveries/s")
 }

@@ -499,18 +499,29 @@ func (ss *Session) lanes() iter.Seq[*lane] {
 	}
 }
 
+// keepIdle is the capacity of a buffer an idle session keeps (see
+// trimLocked): the worker of a member of a busy group exits between
+// messages, and allocating its window and queues again for every message
+// cost more than the few hundred bytes they hold.
+const keepIdle = 4
+
 // trimLocked drops the buffers an idle session does not need (they keep
 // the capacity of the last burst otherwise). Called by the exiting worker.
 func (ss *Session) trimLocked() {
-	if len(ss.inq) == 0 {
+	if len(ss.inq) == 0 && cap(ss.inq) > keepIdle {
 		ss.inq = nil
 	}
-	if len(ss.acks) == 0 {
+	if len(ss.acks) == 0 && cap(ss.acks) > keepIdle {
 		ss.acks = nil
 	}
-	ss.spareQ, ss.spareAcks = nil, nil
+	if cap(ss.spareQ) > keepIdle {
+		ss.spareQ = nil
+	}
+	if cap(ss.spareAcks) > keepIdle {
+		ss.spareAcks = nil
+	}
 	for l := range ss.lanes() {
-		if len(l.flight) == 0 {
+		if len(l.flight) == 0 && cap(l.flight) > keepIdle {
 			l.flight = nil
 		}
 		if len(l.acked) == 0 {
@@ -928,7 +939,10 @@ func (ss *Session) markAcked(l *lane, seq uint64) {
 		l.flight = slices.Delete(l.flight, i, i+1)
 		ss.inFlight--
 	}
-	if seq > l.floor {
+	// Every caller advances the floor next: an ack it will pass (the oldest
+	// in flight, acks in order: the common case) need not be recorded, and
+	// a lane acked in order then allocates no map.
+	if seq > l.floor && seq > l.ackFloor() {
 		if l.acked == nil {
 			l.acked = make(map[uint64]struct{})
 		}
@@ -940,15 +954,21 @@ func (ss *Session) markAcked(l *lane, seq uint64) {
 // advance moves lane l's floor over everything acked: up to just below the
 // oldest in-flight message, or to next when nothing is in flight.
 func (ss *Session) advance(l *lane) {
-	f := l.next
-	if len(l.flight) > 0 {
-		f = l.flight[0].seq - 1
-	}
+	f := l.ackFloor()
 	if f <= l.floor {
 		return
 	}
 	l.setFloor(f)
 	ss.dirty = true
+}
+
+// ackFloor is the floor advance moves lane l to: just below the oldest
+// in-flight message, or next when nothing is in flight.
+func (l *lane) ackFloor() uint64 {
+	if len(l.flight) > 0 {
+		return l.flight[0].seq - 1
+	}
+	return l.next
 }
 
 func (l *lane) setFloor(f uint64) {
