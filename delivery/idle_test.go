@@ -1,16 +1,15 @@
 package delivery
 
 import (
-	"bytes"
 	"log/slog"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/vartalap/vartalap/internal/testlog"
 	"github.com/vartalap/vartalap/schema"
 )
 
@@ -180,7 +179,7 @@ func TestOverloadedByWait(t *testing.T) {
 // way at once log a burst, then sessionWarnsPerSecond, and the next line
 // logged says how many were left out.
 func TestSessionWarningsLimited(t *testing.T) {
-	var buf syncBuffer
+	var buf testlog.Buffer
 	e := newEnv(t, Config{Logger: slog.New(slog.NewTextHandler(&buf, nil))}, nil)
 	for range 100 {
 		e.svc.warn("cursor flush", "user", "u1")
@@ -193,22 +192,4 @@ func TestSessionWarningsLimited(t *testing.T) {
 	if !strings.Contains(buf.String(), "suppressed=80") {
 		t.Fatalf("the next warning does not count the 80 left out:\n%s", buf.String())
 	}
-}
-
-// syncBuffer is a bytes.Buffer safe for a logger and a test at once.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }

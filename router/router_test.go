@@ -20,6 +20,7 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/vartalap/vartalap/internal/natstest"
+	"github.com/vartalap/vartalap/internal/testlog"
 	"github.com/vartalap/vartalap/schema"
 )
 
@@ -700,7 +701,7 @@ func TestGroupAtomicBatch(t *testing.T) {
 		"team":  users("alice", "bob", "carol"),
 		"other": users("bob", "carol"),
 	}}
-	logs := &logBuffer{}
+	logs := &testlog.Buffer{}
 	e := newEnv(t, 100, Config{Groups: l, Logger: slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))})
 	var entries [][]byte
 	var team, other []*schema.Message
@@ -741,24 +742,6 @@ func TestGroupAtomicBatch(t *testing.T) {
 	if s := logs.String(); strings.Contains(s, "atomic batch rejected") {
 		t.Errorf("an atomic batch was rejected:\n%s", s)
 	}
-}
-
-// logBuffer is a log destination safe for concurrent use.
-type logBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *logBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *logBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
 }
 
 func TestGroupWithoutLister(t *testing.T) {

@@ -10,6 +10,7 @@ import (
 	"github.com/gorilla/websocket"
 
 	"github.com/vartalap/vartalap/internal/natstest"
+	"github.com/vartalap/vartalap/internal/testlog"
 )
 
 const wait = 10 * time.Second
@@ -392,7 +393,7 @@ func TestServeFlagErrors(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			if err := run(t.Context(), tc.args, func(string) string { return "" }, &syncBuffer{}); err == nil {
+			if err := run(t.Context(), tc.args, func(string) string { return "" }, &testlog.Buffer{}); err == nil {
 				t.Fatal("expected an error")
 			}
 		})
@@ -401,7 +402,7 @@ func TestServeFlagErrors(t *testing.T) {
 	c, err := parseServe([]string{"--log-level", "warn"}, func(k string) string {
 		return map[string]string{"VARTALAP_HTTP_ADDR": "127.0.0.1:9999", "VARTALAP_LOG_LEVEL": "debug",
 			"VARTALAP_METRICS_ADDR": "127.0.0.1:9090", "VARTALAP_DEVICE_IDLE": "72h"}[k]
-	}, &syncBuffer{})
+	}, &testlog.Buffer{})
 	if err != nil || c.HTTPAddr != "127.0.0.1:9999" || c.LogLevel != "warn" || c.MetricsAddr != "127.0.0.1:9090" || c.DeviceIdle != 72*time.Hour {
 		t.Fatalf("env/flag precedence: %+v %v", c, err)
 	}
@@ -410,7 +411,7 @@ func TestServeFlagErrors(t *testing.T) {
 	if c.WSCoalesce != 40*time.Millisecond || coalesce(c.WSCoalesce) != 40*time.Millisecond {
 		t.Fatalf("default --ws-coalesce %v", c.WSCoalesce)
 	}
-	if c, err := parseServe([]string{"--ws-coalesce", "0"}, func(string) string { return "" }, &syncBuffer{}); err != nil || coalesce(c.WSCoalesce) >= 0 {
+	if c, err := parseServe([]string{"--ws-coalesce", "0"}, func(string) string { return "" }, &testlog.Buffer{}); err != nil || coalesce(c.WSCoalesce) >= 0 {
 		t.Fatalf("--ws-coalesce 0: %v, %v", c, err)
 	}
 }
@@ -418,7 +419,7 @@ func TestServeFlagErrors(t *testing.T) {
 // `vartalap health` succeeds against a ready server and fails without one.
 func TestHealthCommand(t *testing.T) {
 	s := startServer(t, t.TempDir())
-	var out syncBuffer
+	var out testlog.Buffer
 	if err := run(t.Context(), []string{"health", "--url", s.URL}, func(string) string { return "" }, &out); err != nil {
 		t.Fatalf("health of a running server: %v", err)
 	}

@@ -15,33 +15,16 @@ import (
 
 	"github.com/gorilla/websocket"
 
+	"github.com/vartalap/vartalap/internal/testlog"
 	"github.com/vartalap/vartalap/schema"
 )
-
-// syncBuffer is a goroutine-safe log sink.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
 
 var addrRe = regexp.MustCompile(`msg=listening addr=(\S+)`)
 
 // server is one `vartalap serve` run in this process through run().
 type testServer struct {
 	URL  string // http://host:port
-	Logs *syncBuffer
+	Logs *testlog.Buffer
 	stop func() error
 }
 
@@ -52,7 +35,7 @@ func startServer(t *testing.T, dataDir string, args ...string) *testServer {
 	full := []string{"serve", "--http-addr", "127.0.0.1:0", "--data-dir", dataDir, "--log-level", "debug"}
 	full = append(full, args...)
 	ctx, cancel := context.WithCancel(context.Background())
-	logs := &syncBuffer{}
+	logs := &testlog.Buffer{}
 	done := make(chan error, 1)
 	go func() { done <- run(ctx, full, func(string) string { return "" }, logs) }()
 	deadline := time.Now().Add(60 * time.Second)
