@@ -138,7 +138,8 @@ type Service struct {
 	lagging    atomic.Int64 // sessions catching up after losing live messages (Session.lagging)
 	recentPool recentPool   // batches read from groups' latest messages (see recent)
 	// lateUntil: until when (UnixNano) the node counts as overloaded
-	// because the dispatcher met a group message older than liveAgeHigh.
+	// because a session handed out a live group message that had waited
+	// over liveAgeHigh in its queue (see noteWait).
 	lateUntil   atomic.Int64
 	liveAgeHigh time.Duration // see LiveAgeHigh
 	lateFor     time.Duration // see lateFor
@@ -680,12 +681,12 @@ func (s *Service) noteWait(d time.Duration, now time.Time) {
 // Overloaded reports whether this node is falling behind its live
 // messages: a session handed out a live group message that had waited over
 // LiveAgeHigh in its queue in the last lateFor, or LaggingHigh sessions or
-// more are re-reading the streams after losing live messages. The gateway slows senders of group
-// messages meanwhile: a 1,000-member group written to faster than the node
-// can deliver would otherwise grow a backlog without bound, and members
-// that fall behind re-read it from GROUP_LOG (many times the cost of the
-// live fan-out), so the node delivered less the more it was sent. Cheap:
-// two atomic loads.
+// more are re-reading the streams after losing live messages. The gateway
+// slows senders of group messages meanwhile: a 1,000-member group written
+// to faster than the node can deliver would otherwise grow a backlog
+// without bound, and members further behind than the group's latest
+// messages in memory (see recent) re-read it from GROUP_LOG, twice the
+// cost of the live fan-out. Cheap: two atomic loads.
 func (s *Service) Overloaded() bool {
 	return s.lagging.Load() >= s.laggingHigh || time.Now().UnixNano() < s.lateUntil.Load()
 }
