@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vartalap/vartalap/internal/testlog"
 	"github.com/vartalap/vartalap/schema"
 )
 
@@ -479,6 +480,8 @@ func TestLookupFailureRetried(t *testing.T) {
 	e := newEnv(t)
 	fd := &failingDevices{fakeDevices: e.devs, fail: 1}
 	e.cfg.Devices = fd
+	var logs testlog.Buffer
+	e.cfg.Logger = slog.New(slog.NewTextHandler(&logs, nil))
 	e.run(t, e.service(t))
 	e.devs.set("bob", Device{"d1", "t1"})
 	e.waitAcked(t, e.publish(t, "bob", chat("alice", "bob", "hi")))
@@ -487,6 +490,19 @@ func TestLookupFailureRetried(t *testing.T) {
 	}
 	if fd.calls() != 2 {
 		t.Fatalf("devices called %d times, want 2", fd.calls())
+	}
+	// The warning names the message: its subject, stream, sequence, id
+	// and the user whose lookup failed.
+	line := ""
+	for l := range strings.Lines(logs.String()) {
+		if strings.Contains(l, "push lookup error") {
+			line = l
+		}
+	}
+	for _, want := range []string{"subject=msg.user.bob", "stream=INBOX", "seq=1 ", "msg_id=", "user=bob", "lookup=devices", "err=boom"} {
+		if !strings.Contains(line, want) {
+			t.Errorf("lookup warning %q lacks %q", line, want)
+		}
 	}
 }
 
