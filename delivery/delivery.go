@@ -512,6 +512,7 @@ func (s *Service) dispatch(ctx context.Context, ch <-chan *nats.Msg) {
 		case <-ctx.Done():
 			return
 		case m := <-ch:
+			s.observeLag(m)
 			s.mu.RLock()
 			if u := s.bySubj[m.Subject]; u != nil {
 				var dec *schema.Message
@@ -533,6 +534,19 @@ func (s *Service) dispatch(ctx context.Context, ch <-chan *nats.Msg) {
 			}
 			s.mu.RUnlock()
 		}
+	}
+}
+
+// observeLag records how long after its storage a republished message
+// reached the dispatcher (vartalap_delivery_live_lag_seconds). Ephemeral
+// messages, never stored, carry no storage time.
+func (s *Service) observeLag(m *nats.Msg) {
+	v := m.Header[schema.HeaderStoredAt]
+	if len(v) == 0 {
+		return
+	}
+	if t, err := time.Parse(time.RFC3339Nano, v[0]); err == nil {
+		s.metrics.liveLag.Observe(max(time.Since(t), 0).Seconds())
 	}
 }
 

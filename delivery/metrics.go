@@ -10,13 +10,14 @@ import (
 // sessions (a session holds no collector of its own). They exist (and
 // count) whether or not Config.Metrics registers them.
 type metrics struct {
-	sessions    prometheus.Gauge   // sessions delivering on this node
-	lagging     prometheus.Gauge   // sessions re-reading the streams after losing live messages
-	fellBehind  prometheus.Counter // times a session lost live messages and started re-reading
-	fromRecent  prometheus.Counter // messages a re-read took from a group's latest in memory
-	delivered   prometheus.Counter // messages handed to a sink the first time
-	redelivered prometheus.Counter // in-flight messages handed again after AckTimeout
-	acks        prometheus.Counter // messages acked by a device
+	sessions    prometheus.Gauge     // sessions delivering on this node
+	lagging     prometheus.Gauge     // sessions re-reading the streams after losing live messages
+	fellBehind  prometheus.Counter   // times a session lost live messages and started re-reading
+	fromRecent  prometheus.Counter   // messages a re-read took from a group's latest in memory
+	delivered   prometheus.Counter   // messages handed to a sink the first time
+	redelivered prometheus.Counter   // in-flight messages handed again after AckTimeout
+	acks        prometheus.Counter   // messages acked by a device
+	liveLag     prometheus.Histogram // a stored message's storage to its arrival at the dispatcher
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -49,8 +50,13 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "vartalap_delivery_acks_total",
 			Help: "Inbox messages acknowledged by a device (CLIENT_ACK over WebSocket or REST).",
 		}),
+		liveLag: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "vartalap_delivery_live_lag_seconds",
+			Help:    "Time from a message's storage in INBOX or GROUP_LOG to its arrival, republished, at this node's delivery service: the rest of the stream's atomic batch and its fsync, then the hops to the dispatcher. Across nodes it includes the difference between their clocks.",
+			Buckets: prom.LatencyBuckets,
+		}),
 	}
-	if err := prom.Register(reg, m.sessions, m.lagging, m.fellBehind, m.fromRecent, m.delivered, m.redelivered, m.acks); err != nil {
+	if err := prom.Register(reg, m.sessions, m.lagging, m.fellBehind, m.fromRecent, m.delivered, m.redelivered, m.acks, m.liveLag); err != nil {
 		return nil, err
 	}
 	return m, nil

@@ -6,6 +6,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
+	dto "github.com/prometheus/client_model/go"
 )
 
 // A session delivers a message, delivers it again after the ack timeout,
@@ -26,10 +27,26 @@ func TestMetrics(t *testing.T) {
 	waitFor(t, "redelivery", func() bool { return k.count("m1") >= 2 && value(m.redelivered) >= 1 })
 	ss.Ack("m1")
 	waitFor(t, "ack applied", func() bool { return value(m.acks) == 1 })
-	if got := value(m.delivered); got != 1 {
-		t.Errorf("delivered = %v, want 1 (redeliveries are counted apart)", got)
+	// m1 came from the stream (catch-up); m2 comes live, republished with
+	// its storage time.
+	if n := testutil.CollectAndCount(m.liveLag); n != 1 {
+		t.Fatalf("live_lag_seconds has %d series, want 1", n)
 	}
-	if got, sent := value(m.redelivered), k.count("m1")-1; got != float64(sent) {
+	e.publish(t, "bob", "live")
+	waitFor(t, "live message", func() bool { return k.count("live") >= 1 })
+	var lag dto.Metric
+	if err := m.liveLag.Write(&lag); err != nil {
+		t.Fatal(err)
+	}
+	if n, sum := lag.GetHistogram().GetSampleCount(), lag.GetHistogram().GetSampleSum(); n != 1 || sum <= 0 || sum > 5 {
+		t.Errorf("live lag: %d samples, sum %.6fs; want one, in (0, 5s]", n, sum)
+	}
+	ss.Ack("live")
+	waitFor(t, "ack applied", func() bool { return value(m.acks) == 2 })
+	if got := value(m.delivered); got != 2 {
+		t.Errorf("delivered = %v, want 2 (redeliveries are counted apart)", got)
+	}
+	if got, sent := value(m.redelivered), k.count("m1")-1+k.count("live")-1; got != float64(sent) {
 		t.Errorf("redelivered = %v, sink got %d redeliveries", got, sent)
 	}
 	ss.Close()
@@ -41,8 +58,8 @@ func TestMetrics(t *testing.T) {
 	if err := e.svc.AckByID(t.Context(), "bob", "phone", []string{"m2", "unknown"}); err != nil {
 		t.Fatal(err)
 	}
-	if got := value(m.acks); got != 2 {
-		t.Errorf("acks after a REST ack = %v, want 2", got)
+	if got := value(m.acks); got != 3 {
+		t.Errorf("acks after a REST ack = %v, want 3", got)
 	}
 
 	n, err := testutil.GatherAndCount(reg, "vartalap_delivery_sessions", "vartalap_delivery_delivered_total",

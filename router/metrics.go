@@ -35,6 +35,7 @@ type metrics struct {
 	notices  *prometheus.CounterVec       // {code}: error notices of routed messages
 	retries  prometheus.Counter           // CHAT_IN messages nak'd for a retry
 	round    prometheus.Histogram         // routing one fetched batch
+	wait     prometheus.Histogram         // a CHAT_IN message's storage to its round's start
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -60,6 +61,11 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Help:    "Time to route one fetched batch of CHAT_IN messages: plan, store every copy, ack.",
 			Buckets: prom.LatencyBuckets,
 		}),
+		wait: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "vartalap_router_wait_seconds",
+			Help:    "Time from a CHAT_IN message's storage to the start of the round that routes it: the router's round in progress, then the fetch (a redelivered message counts from its first storage). Across nodes it includes the difference between their clocks.",
+			Buckets: prom.LatencyBuckets,
+		}),
 	}
 	for k, name := range kindNames {
 		m.byKind[k] = m.messages.WithLabelValues(name)
@@ -67,7 +73,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	for _, code := range noticeCodes {
 		m.notices.WithLabelValues(code)
 	}
-	if err := prom.Register(reg, m.messages, m.copies, m.notices, m.retries, m.round); err != nil {
+	if err := prom.Register(reg, m.messages, m.copies, m.notices, m.retries, m.round, m.wait); err != nil {
 		return nil, err
 	}
 	return m, nil

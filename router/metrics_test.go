@@ -75,6 +75,18 @@ func TestMetrics(t *testing.T) {
 	if n := round.GetHistogram().GetSampleCount(); n < 2 {
 		t.Errorf("%d routing rounds observed, want at least 2", n)
 	}
+	// Every fetch of a CHAT_IN message waited: the batch twice (the retry
+	// after the failed lookup), the ephemeral message never (not stored).
+	var wait dto.Metric
+	if err := m.wait.Write(&wait); err != nil {
+		t.Fatal(err)
+	}
+	if n := wait.GetHistogram().GetSampleCount(); n != 2 {
+		t.Errorf("%d CHAT_IN waits observed, want 2", n)
+	}
+	if s := wait.GetHistogram().GetSampleSum(); s < 1 {
+		t.Errorf("waits sum to %.3fs, want at least the 1-s retry delay", s)
+	}
 
 	// Registered: every kind and every notice code from the start.
 	if n, err := testutil.GatherAndCount(reg, "vartalap_router_messages_total"); err != nil || n != len(kindNames) {

@@ -60,6 +60,9 @@ func (r *Router) routeBatch(ctx context.Context, batch []jetstream.Msg) {
 	srcs := make([]fetched, len(batch))
 	for i, jm := range batch {
 		srcs[i].jm = jm
+		if md, err := jm.Metadata(); err == nil {
+			r.metrics.wait.Observe(max(start.Sub(md.Timestamp), 0).Seconds())
+		}
 	}
 	r.settle(srcs, r.storeBatch(ctx, srcs))
 	r.metrics.round.Observe(time.Since(start).Seconds())

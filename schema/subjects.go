@@ -75,6 +75,7 @@ const (
 	HeaderMsgID    = "Nats-Msg-Id"        // JetStream de-duplication
 	HeaderSequence = "Nats-Sequence"      // set on republished INBOX messages
 	HeaderLastSeq  = "Nats-Last-Sequence" // per-subject previous sequence on republished messages
+	HeaderStoredAt = "Nats-Time-Stamp"    // when the stream stored a republished message (RFC 3339)
 	HeaderDevice   = "Vartalap-Device"    // sending device on CHAT_IN messages
 	HeaderBatch    = "Vartalap-Batch"     // on a CHAT_IN batch: its format version, "1"
 	HeaderSender   = "Vartalap-Sender"    // on GROUP_LOG messages: Token of the sending user
