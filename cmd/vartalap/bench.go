@@ -46,6 +46,7 @@ type benchConfig struct {
 	MetricsURL    string
 	Prefix        string
 	CPUProfile    string
+	DiskProbe     string
 	Concurrency   int
 	Format        string
 	workerIndex   int
@@ -88,8 +89,11 @@ type benchResult struct {
 	ServerCPUSeconds float64 `json:"server_cpu_seconds,omitempty"`
 	// CalibrationNs is this machine's time to decode a chat frame
 	// (schema.DecodeJSON) just before the run (see calibrate).
-	CalibrationNs float64  `json:"calibration_ns,omitempty"`
-	ErrorSamples  []string `json:"error_samples,omitempty"`
+	CalibrationNs float64 `json:"calibration_ns,omitempty"`
+	// DiskFsync holds the times of the disk probe's 4-KiB write+fsyncs
+	// during the run (see startDiskProbe); nil without --disk-probe.
+	DiskFsync    *hist    `json:"disk_fsync,omitempty"`
+	ErrorSamples []string `json:"error_samples,omitempty"`
 }
 
 func newResult(c *benchConfig) *benchResult {
@@ -168,6 +172,7 @@ func parseBench(args []string, stderr io.Writer) (*benchConfig, error) {
 	fs.StringVar(&c.Prefix, "prefix", "", "username prefix (default: unique per run)")
 	fs.IntVar(&c.Concurrency, "concurrency", 100, "parallel logins and connects")
 	fs.StringVar(&c.Format, "format", "text", "WebSocket frames: text (JSON v2.1) or binary (protobuf, like the seed's v3 clients)")
+	fs.StringVar(&c.DiskProbe, "disk-probe", os.TempDir(), "directory (on the server's data disk) where the load tool times a 4-KiB write+fsync every 10ms during the run, to show disk stalls beside the latencies; empty: off")
 	fs.StringVar(&c.CPUProfile, "cpuprofile", "", "write the load tool's own CPU profile to this file (with --procs, one file per worker: FILE.N)")
 	fs.IntVar(&c.workerIndex, "worker-index", 0, "internal: this worker's index")
 	fs.IntVar(&c.workers, "workers", 0, "internal: number of workers (0: this is the parent)")
@@ -227,6 +232,11 @@ func bench(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	before := c.serverRSS()
 	calibration := calibrate()
+	var probe *diskProbe
+	if c.DiskProbe != "" {
+		probe = startDiskProbe(c.DiskProbe)
+		defer probe.finish() // stops it if the run fails
+	}
 	var res *benchResult
 	if c.Procs == 1 {
 		c.workers, c.workerIndex = 1, 0
@@ -246,6 +256,13 @@ func bench(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	res.RSSBeforeKiB = before
 	res.CalibrationNs = calibration
+	if probe != nil {
+		if h, err := probe.finish(); err != nil {
+			fmt.Fprintln(stderr, "warning:", err)
+		} else {
+			res.DiskFsync = h
+		}
+	}
 	if res.RSSAfterKiB == 0 {
 		res.RSSAfterKiB = c.serverRSS()
 	}
@@ -1144,6 +1161,10 @@ func printResult(w io.Writer, r *benchResult) {
 	}
 	if r.CalibrationNs > 0 {
 		fmt.Fprintf(w, "machine speed       %.2f µs to decode a chat frame (schema.DecodeJSON, just before the run)\n", r.CalibrationNs/1000)
+	}
+	if h := r.DiskFsync; h != nil && h.N > 0 {
+		fmt.Fprintf(w, "disk during the run 4-KiB write+fsync p50 %v  p99 %v  max %v, %d of %d over %v (stalls)\n",
+			h.quantile(.5).Round(time.Microsecond), h.quantile(.99).Round(time.Microsecond), h.Max.Round(time.Microsecond), h.slowCount(slowFsync), h.N, slowFsync)
 	}
 	fmt.Fprintf(w, "errors              %d %v\n", r.Errors, r.ErrorSamples)
 }

@@ -7,9 +7,11 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 )
 
 // The CPU times of /proc/<pid>/stat are found after a command name that
@@ -56,7 +58,8 @@ func TestBenchScenarios(t *testing.T) {
 			// The server runs in this process: its CPU is the test's, read
 			// from /proc in 10-ms ticks instead of getrusage's microseconds.
 			return r.Delivered > 0 && r.Delivered == r.ServerAcked && r.E2ELatency.N == uint64(r.Delivered) &&
-				r.ToolCPUSeconds > 0 && r.ServerCPUSeconds > 0 && math.Abs(r.ServerCPUSeconds-r.ToolCPUSeconds) < 0.1
+				r.ToolCPUSeconds > 0 && r.ServerCPUSeconds > 0 && math.Abs(r.ServerCPUSeconds-r.ToolCPUSeconds) < 0.1 &&
+				r.DiskFsync != nil && r.DiskFsync.N > 10 // the disk probe ran (default: the temp dir) through the 1-s run
 		}},
 		{"group binary", []string{"group", "--users", "10", "--group-size", "10", "--senders", "2", "--duration", "1s", "--format", "binary"}, func(r *benchResult) bool {
 			return r.ServerAcked > 0 && r.Delivered == 9*r.ServerAcked && r.E2ELatency.N == uint64(r.Delivered) &&
@@ -118,5 +121,37 @@ func TestBenchGroupWithoutSessions(t *testing.T) {
 	err := bench(t.Context(), []string{"group", "--url", srv.URL, "--users", "3", "--group-size", "3", "--duration", "1s"}, &bytes.Buffer{}, &errb)
 	if err == nil || !strings.Contains(err.Error(), "sessions connected; a group needs two") {
 		t.Fatalf("err = %v, want: sessions connected; a group needs two\n%s", err, errb.String())
+	}
+}
+
+// The disk probe times write+fsyncs until finished, removes its file, and
+// counts the slow ones; a directory it cannot write in is an error.
+func TestDiskProbe(t *testing.T) {
+	dir := t.TempDir()
+	p := startDiskProbe(dir)
+	time.Sleep(20 * diskProbeEvery)
+	h, err := p.finish()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if h.N < 5 || h.Max <= 0 || h.quantile(.5) <= 0 {
+		t.Fatalf("%d fsyncs timed (max %v), want at least 5", h.N, h.Max)
+	}
+	if _, err := p.finish(); err != nil { // a second finish is harmless
+		t.Fatal(err)
+	}
+	if left, _ := os.ReadDir(dir); len(left) != 0 {
+		t.Fatalf("probe left %d files behind", len(left))
+	}
+	if _, err := startDiskProbe(filepath.Join(dir, "missing")).finish(); err == nil {
+		t.Fatal("a probe in a missing directory reported no error")
+	}
+
+	s := newHist()
+	for _, d := range []time.Duration{time.Millisecond, 19 * time.Millisecond, 21 * time.Millisecond, 250 * time.Millisecond} {
+		s.add(d)
+	}
+	if n := s.slowCount(slowFsync); n != 2 {
+		t.Fatalf("slowCount = %d, want 2 (21 ms and 250 ms over 20 ms)", n)
 	}
 }

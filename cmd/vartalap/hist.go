@@ -42,6 +42,11 @@ func (h *hist) merge(o *hist) {
 	}
 }
 
+// histLower is the lower bound of bucket k.
+func histLower(k int) time.Duration {
+	return time.Duration(math.Pow(histBase, float64(k)) * float64(time.Microsecond))
+}
+
 // quantile returns the latency below which a fraction q of samples fall.
 func (h *hist) quantile(q float64) time.Duration {
 	if h.N == 0 {
