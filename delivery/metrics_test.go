@@ -27,8 +27,8 @@ func TestMetrics(t *testing.T) {
 	waitFor(t, "redelivery", func() bool { return k.count("m1") >= 2 && value(m.redelivered) >= 1 })
 	ss.Ack("m1")
 	waitFor(t, "ack applied", func() bool { return value(m.acks) == 1 })
-	// m1 came from the stream (catch-up); m2 comes live, republished with
-	// its storage time.
+	// m1 came from the stream (catch-up); "live" comes live, republished
+	// with its storage time.
 	if n := testutil.CollectAndCount(m.liveLag); n != 1 {
 		t.Fatalf("live_lag_seconds has %d series, want 1", n)
 	}

@@ -81,15 +81,3 @@ func (p *diskProbe) finish() (*hist, error) {
 	}
 	return p.fsyncs, nil
 }
-
-// slowCount returns how many samples of h are above d (at the histogram's
-// 2% resolution).
-func (h *hist) slowCount(d time.Duration) uint64 {
-	var n uint64
-	for k, c := range h.Counts {
-		if histLower(k) >= d {
-			n += c
-		}
-	}
-	return n
-}

@@ -67,3 +67,15 @@ func (h *hist) quantile(q float64) time.Duration {
 	}
 	return h.Max
 }
+
+// slowCount returns how many samples of h are above d (at the histogram's
+// 2% resolution).
+func (h *hist) slowCount(d time.Duration) uint64 {
+	var n uint64
+	for k, c := range h.Counts {
+		if histLower(k) >= d {
+			n += c
+		}
+	}
+	return n
+}
