@@ -513,6 +513,7 @@ func (s *Service) dispatch(ctx context.Context, ch <-chan *nats.Msg) {
 			return
 		case m := <-ch:
 			s.observeLag(m)
+			seqs := readLiveSeq(m.Header)
 			s.mu.RLock()
 			if u := s.bySubj[m.Subject]; u != nil {
 				var dec *schema.Message
@@ -525,11 +526,11 @@ func (s *Service) dispatch(ctx context.Context, ch <-chan *nats.Msg) {
 				// messages are queueing up behind it: then the sessions'
 				// workers share the work over the cores.
 				if u.recent != nil {
-					u.recent.add(m, dec) // before the sessions see it (see Session.fillRecent)
+					u.recent.add(m, dec, seqs) // before the sessions see it (see Session.fillRecent)
 				}
 				now, inline := time.Now(), len(ch) < inlineBacklog
 				for _, ss := range u.sessions {
-					ss.push(m, dec, now, inline)
+					ss.push(m, dec, seqs, now, inline)
 				}
 			}
 			s.mu.RUnlock()

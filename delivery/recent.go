@@ -1,7 +1,6 @@
 package delivery
 
 import (
-	"strconv"
 	"sync"
 
 	"github.com/nats-io/nats.go"
@@ -44,14 +43,13 @@ type recentMsg struct {
 
 func (r *recent) at(i int) *recentMsg { return &r.buf[(r.head+i)%len(r.buf)] }
 
-// add appends a live message m (decoded: dec); one without a sequence
-// (ephemeral) or not after the newest is ignored.
-func (r *recent) add(m *nats.Msg, dec *schema.Message) {
-	seq, err := strconv.ParseUint(m.Header.Get(schema.HeaderSequence), 10, 64)
-	if err != nil || dec == nil {
+// add appends a live message m (decoded: dec; its sequences: s); one
+// without a sequence (ephemeral) or not after the newest is ignored.
+func (r *recent) add(m *nats.Msg, dec *schema.Message, s liveSeq) {
+	if !s.has || s.bad || dec == nil {
 		return
 	}
-	last, _ := strconv.ParseUint(m.Header.Get(schema.HeaderLastSeq), 10, 64)
+	seq, last := s.seq, s.last
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.n > 0 && seq <= r.at(r.n-1).seq {

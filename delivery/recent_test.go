@@ -38,10 +38,13 @@ func TestRecent(t *testing.T) {
 	// The subject's messages are 10, 12, 15, 20, 21; 30 follows 25,
 	// which the ring never got (a dropped live message).
 	for _, p := range [][2]uint64{{10, 7}, {12, 10}, {15, 12}, {20, 15}, {21, 20}, {30, 25}} {
-		r.add(recentLive(p[0], p[1], 10), dec)
+		m := recentLive(p[0], p[1], 10)
+		r.add(m, dec, readLiveSeq(m.Header))
 	}
-	r.add(recentLive(21, 20, 10), dec)               // not after the newest: ignored
-	r.add(&nats.Msg{Data: []byte("ephemeral")}, dec) // no sequence: ignored
+	old := recentLive(21, 20, 10)
+	r.add(old, dec, readLiveSeq(old.Header)) // not after the newest: ignored
+	eph := &nats.Msg{Data: []byte("ephemeral")}
+	r.add(eph, dec, readLiveSeq(eph.Header)) // no sequence: ignored
 	cases := []struct {
 		from   uint64
 		max    int
@@ -65,14 +68,16 @@ func TestRecent(t *testing.T) {
 	// Bounded by count and by bytes: the oldest go.
 	var c recent
 	for i := range uint64(recentMsgs + 5) {
-		c.add(recentLive(i+1, i, 1), dec)
+		cm := recentLive(i+1, i, 1)
+		c.add(cm, dec, readLiveSeq(cm.Header))
 	}
 	if c.n != recentMsgs || c.at(0).seq != 6 {
 		t.Fatalf("%d messages from %d, want %d from 6", c.n, c.at(0).seq, recentMsgs)
 	}
 	var b recent
 	for i := range uint64(10) {
-		b.add(recentLive(i+1, i, recentBytes/4), dec)
+		bm := recentLive(i+1, i, recentBytes/4)
+		b.add(bm, dec, readLiveSeq(bm.Header))
 	}
 	if b.bytes > recentBytes || b.n != 4 || b.at(0).seq != 7 {
 		t.Fatalf("%d bytes in %d messages from %d", b.bytes, b.n, b.at(0).seq)
@@ -158,14 +163,14 @@ func TestOverloadedByQueuedGroupMessages(t *testing.T) {
 	// As the dispatcher hands them over (queued for the worker), the
 	// first just now, the second a second ago.
 	m1 := live(100, "x1")
-	ss.push(m1, dec(m1), time.Now(), false)
+	ss.push(m1, dec(m1), readLiveSeq(m1.Header), time.Now(), false)
 	waitIDs(t, k, []string{"x1"})
 	if e.svc.Overloaded() {
 		t.Fatal("overloaded by a message handed out at once")
 	}
 	m2 := live(101, "x2")
 	m2.Header.Set(schema.HeaderLastSeq, "100")
-	ss.push(m2, dec(m2), time.Now().Add(-time.Second), false)
+	ss.push(m2, dec(m2), readLiveSeq(m2.Header), time.Now().Add(-time.Second), false)
 	waitIDs(t, k, []string{"x1", "x2"})
 	if !e.svc.Overloaded() {
 		t.Fatal("not overloaded after a group message waited a second in the queue")

@@ -152,6 +152,32 @@ type liveMsg struct {
 	m   *nats.Msg
 	dec *schema.Message
 	at  mono
+	liveSeq
+}
+
+// liveSeq is a republished message's stream sequence and the sequence of
+// its subject's previous message (Nats-Sequence, Nats-Last-Sequence). The
+// dispatcher reads them once for all of a group's sessions (and its
+// latest messages, see recent) instead of each session parsing the same
+// headers again. has is false for a message without a sequence
+// (ephemeral); bad for one whose sequence does not parse.
+type liveSeq struct {
+	seq, last uint64
+	has, bad  bool
+}
+
+// readLiveSeq reads the sequences of a live message's headers.
+func readLiveSeq(h nats.Header) liveSeq {
+	v := h.Get(schema.HeaderSequence)
+	if v == "" {
+		return liveSeq{}
+	}
+	seq, err := strconv.ParseUint(v, 10, 64)
+	if err != nil {
+		return liveSeq{has: true, bad: true}
+	}
+	last, _ := strconv.ParseUint(h.Get(schema.HeaderLastSeq), 10, 64)
+	return liveSeq{seq: seq, last: last, has: true}
 }
 
 // lane is one ordered source of a session's messages: the user's INBOX
@@ -281,19 +307,19 @@ func (ss *Session) start() {
 // here: starting a worker goroutine for each (and a writer for each of
 // those) queued them all in the scheduler, 120 ms for the last of 1,000
 // members on 2 cores.
-func (ss *Session) push(m *nats.Msg, dec *schema.Message, now time.Time, inline bool) {
+func (ss *Session) push(m *nats.Msg, dec *schema.Message, seqs liveSeq, now time.Time, inline bool) {
 	ss.mu.Lock()
 	switch {
 	case ss.closing:
 	case inline && !ss.working && !ss.woken && ss.ready && !ss.finished && len(ss.inq) == 0 && !ss.overflow:
 		ss.working = true // the worker role: the worker state is ours
 		ss.mu.Unlock()
-		ss.runInline(liveMsg{m, dec, 0}, now) // handled as it arrives: no wait
+		ss.runInline(liveMsg{m, dec, 0, seqs}, now) // handled as it arrives: no wait
 		return
 	case len(ss.inq) >= ss.s.queueMsgs || int(ss.inqBytes)+len(m.Data) > ss.s.queueBytes:
 		ss.overflow = true
 	default:
-		ss.inq = append(ss.inq, liveMsg{m, dec, monoOf(now)})
+		ss.inq = append(ss.inq, liveMsg{m, dec, monoOf(now), seqs})
 		ss.inqBytes += int32(len(m.Data))
 	}
 	ss.mu.Unlock()
@@ -619,8 +645,7 @@ func (ss *Session) laneOf(subject string) *lane {
 // live handles one message from a live subject.
 func (ss *Session) live(lm liveMsg, now time.Time) bool {
 	m := lm.m
-	seqHdr := m.Header.Get(schema.HeaderSequence)
-	if seqHdr == "" {
+	if !lm.has {
 		// Ephemeral: deliver, never track.
 		msg, err := schema.UnmarshalProto(m.Data)
 		if err != nil {
@@ -638,12 +663,11 @@ func (ss *Session) live(lm liveMsg, now time.Time) bool {
 	if l == nil {
 		return true // a group the session has just left
 	}
-	seq, err := strconv.ParseUint(seqHdr, 10, 64)
-	if err != nil {
-		ss.s.log.Warn("bad live sequence header", "user", ss.user, "err", err)
+	if lm.bad {
+		ss.s.log.Warn("bad live sequence header", "user", ss.user, "value", m.Header.Get(schema.HeaderSequence))
 		return true
 	}
-	last, _ := strconv.ParseUint(m.Header.Get(schema.HeaderLastSeq), 10, 64)
+	seq, last := lm.seq, lm.last
 	switch {
 	case l.ended || seq <= l.next: // over, or already sent (or skipped)
 		return true
