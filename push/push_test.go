@@ -154,6 +154,15 @@ func TestGroupCollapseKey(t *testing.T) {
 func TestCoalesceBurst(t *testing.T) {
 	e := newEnv(t)
 	e.cfg.Coalesce = 2 * time.Second
+	// The service's log, printed if the test fails (it once timed out
+	// waiting for the last ack in CI and could not be reproduced).
+	var logs testlog.Buffer
+	e.cfg.Logger = slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("push log:\n%s", logs.String())
+		}
+	})
 	gate := make(chan struct{})
 	e.devs.gate = gate
 	e.devs.set("bob", Device{"d1", "t1"}, Device{"d2", "t2"})
